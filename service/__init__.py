@@ -1,0 +1,54 @@
+"""convserve: a four-class ConvNet image classifier served over HTTP with ONNX Runtime.
+
+``create_app(settings)`` is the factory gunicorn calls; nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+from flask import Flask
+
+from service.registry import ModelRegistry
+from service.runtime import Runtime
+from service.settings import Settings
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class AppState:
+    """What the views reach through ``current_app.extensions['convserve']``."""
+
+    settings: Settings
+    registry: ModelRegistry
+    runtime: Runtime
+
+
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
+               load_models: bool = True) -> Flask:
+    from service.api import register_api
+
+    settings = settings or Settings.from_env()
+    configure_logging(settings.LOG_LEVEL)
+    app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
+    app.json.sort_keys = False
+    registry = registry or ModelRegistry(settings)
+    app.extensions["convserve"] = AppState(settings, registry, Runtime(registry, settings))
+    register_api(app, settings)
+    if load_models:
+        registry.start_loading()
+    return app
+
+
+def configure_logging(level: str) -> None:
+    logger = logging.getLogger("convserve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())

@@ -1,0 +1,93 @@
+"""Typed errors that carry their HTTP status and a stable machine-readable code.
+
+Raised anywhere below the views; mapped once to a JSON body in ``service.api``.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: ``status`` is the HTTP status, ``code`` the stable error code clients can match on."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServiceError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidImage(BadRequest):
+    code = "invalid_image"
+
+
+class InvalidBase64(BadRequest):
+    code = "invalid_base64"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class EmptyBody(BadRequest):
+    code = "empty_body"
+
+
+class InvalidParameter(BadRequest):
+    code = "invalid_parameter"
+
+
+class InvalidTensor(BadRequest):
+    code = "invalid_tensor"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class VersionNotFound(NotFound):
+    code = "version_not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class TooManyImages(PayloadTooLarge):
+    code = "too_many_images"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    code = "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotReady(ServiceError):
+    status = 503
+    code = "not_ready"
+
+
+class ModelUnavailable(NotReady):
+    """The model exists in the store but failed to load."""
+
+    code = "model_unavailable"

@@ -1,0 +1,69 @@
+"""HTTP request bodies → a list of encoded images, in request order.
+
+Accepted: one raw image (``Content-Type: image/*`` or ``application/octet-stream``), ``multipart/form-data`` with one
+or more file parts, or ``application/json`` ``{"images": ["<base64 or data: URL>", ...]}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from flask import Request
+
+from service.errors import EmptyBody, InvalidBase64, InvalidJSON, TooManyImages, UnsupportedMediaType
+
+IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp", "image/gif",
+               "image/tiff"}
+ACCEPTED = ("image/jpeg, image/png, image/webp, image/bmp, image/gif, image/tiff, multipart/form-data "
+            "or application/json")
+
+
+def images_from_request(request: Request, max_images: int) -> list[bytes]:
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        images = [part.read() for _, part in request.files.items(multi=True)]
+        if not images:
+            raise EmptyBody("The multipart body has no file parts; send each image as a file part (-F image=@x.jpg).")
+    elif mimetype == "application/json":
+        images = _images_from_json(request.get_data(cache=False))
+    elif mimetype in IMAGE_TYPES or mimetype == "application/octet-stream":
+        images = [request.get_data(cache=False)]
+        if not images[0]:
+            raise EmptyBody("The request body is empty; send the image bytes as the body.")
+    elif not mimetype and not request.get_data(cache=False):
+        raise EmptyBody(f"The request body is empty; send an image as {ACCEPTED}.")
+    else:
+        raise UnsupportedMediaType(f"Content-Type {mimetype or '(none)'!r} is not supported; use {ACCEPTED}.")
+    if len(images) > max_images:
+        raise TooManyImages(f"{len(images)} images in one request; the limit is {max_images}. Split the batch.")
+    return images
+
+
+def _images_from_json(body: bytes) -> list[bytes]:
+    if not body:
+        raise EmptyBody('The request body is empty; send {"images": ["<base64>", ...]}.')
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"The body is not valid JSON ({exc}).") from exc
+    images = document.get("images") if isinstance(document, dict) else None
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+        raise InvalidJSON('Expected {"images": ["<base64 or data: URL>", ...]} with at least one string.')
+    return [decode_base64(text, index) for index, text in enumerate(images)]
+
+
+def decode_base64(text: str, index: int = 0) -> bytes:
+    """Plain or URL-safe base64, or a ``data:image/...;base64,`` URL."""
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise InvalidBase64(f"Image {index}: only base64 data: URLs are supported.")
+    cleaned = "".join(text.split())
+    try:
+        if "-" in cleaned or "_" in cleaned:
+            return base64.urlsafe_b64decode(cleaned + "=" * (-len(cleaned) % 4))
+        return base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidBase64(f"Image {index} is not valid base64 ({exc}).") from exc

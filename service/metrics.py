@@ -1,0 +1,59 @@
+"""The Prometheus metrics, created once at import. Few labels: route templates, never raw paths.
+
+With several gunicorn workers, prometheus_client's multiprocess mode aggregates them (the gunicorn config sets
+PROMETHEUS_MULTIPROC_DIR before workers start and marks dead workers).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+PREFIX = "convserve"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUESTS = Counter(f"{PREFIX}_requests_total", "HTTP requests by route template, method and status.",
+                   ["route", "method", "status"])
+REQUEST_LATENCY = Histogram(f"{PREFIX}_request_duration_seconds", "HTTP request latency by route template.",
+                            ["route", "method"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge(f"{PREFIX}_requests_in_flight", "Requests being processed now.", multiprocess_mode="livesum")
+PREPROCESS_LATENCY = Histogram(f"{PREFIX}_preprocess_duration_seconds",
+                               "Decode and preprocessing time per request batch.", ["model", "version"],
+                               buckets=LATENCY_BUCKETS)
+INFERENCE_LATENCY = Histogram(f"{PREFIX}_inference_duration_seconds", "ONNX Runtime time per batch.",
+                              ["model", "version"], buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram(f"{PREFIX}_batch_size", "Images per inference call.", ["model", "version"],
+                       buckets=BATCH_BUCKETS)
+PREDICTIONS = Counter(f"{PREFIX}_predictions_total", "Images classified, by model and predicted label.",
+                      ["model", "version", "label"])
+MODEL_INFO = Gauge(f"{PREFIX}_model_info", "1 for each model version loaded, with its sha256.",
+                   ["model", "version", "sha256"], multiprocess_mode="livemax")
+MODEL_LOAD_FAILURES = Counter(f"{PREFIX}_model_load_failures_total", "Failed model loads (per worker).",
+                              ["model", "version"])
+MODEL_LOADED = Gauge(f"{PREFIX}_model_loaded", "1 if the model version loaded in every live worker, else 0.",
+                     ["model", "version"], multiprocess_mode="livemin")
+READY = Gauge(f"{PREFIX}_ready", "1 when every live worker is ready to serve.", multiprocess_mode="livemin")
+
+EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, INFERENCE_LATENCY, BATCH_SIZE,
+                    PREDICTIONS, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_LOADED, READY]
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition: aggregated over workers in multiprocess mode, this process's otherwise."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

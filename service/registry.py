@@ -1,0 +1,163 @@
+"""The model store: discover every ``<name>/<version>/``, verify, load and warm each, and pick versions.
+
+A version that fails to load is logged, counted in metrics and described by the metadata endpoints; it never takes
+the others down. Readiness: loading finished, at least one model serves, and no shutdown has begun.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from service import metrics
+from service.errors import ModelNotFound, ModelUnavailable, NotReady, VersionNotFound
+from service.model import ModelLoadError, OnnxModel
+from service.settings import Settings
+
+log = logging.getLogger("convserve")
+
+
+@dataclass
+class LoadFailure:
+    name: str
+    version: str
+    reason: str
+
+
+def version_key(version: str) -> tuple:
+    """Numeric versions sort numerically (10 after 9); others after them, alphabetically."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings, model_factory: Callable[[Path, int], OnnxModel] = OnnxModel):
+        self.store = Path(settings.MODEL_STORE)
+        self.default_name = settings.DEFAULT_MODEL
+        self.intra_op_threads = settings.ORT_INTRA_OP_THREADS
+        self.model_factory = model_factory
+        self.models: dict[str, dict[str, OnnxModel]] = {}
+        self.failures: dict[tuple[str, str], LoadFailure] = {}
+        self.loading_done = threading.Event()
+        self.shutting_down = False
+        self.problem = "models are loading"
+
+    # lifecycle -----------------------------------------------------------------------------------------------
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self.load_all, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def load_all(self) -> None:
+        metrics.READY.set(0)
+        try:
+            for folder in self._version_folders():
+                self._load_one(folder)
+        finally:
+            self.loading_done.set()
+            self.problem = self._readiness_problem()
+            metrics.READY.set(1 if self.ready else 0)
+            if self.problem:
+                log.error("not ready: %s", self.problem)
+            else:
+                log.info("ready: %s", ", ".join(f"{n} v{self.latest(n).version}" for n in self.models))
+
+    def begin_shutdown(self) -> None:
+        self.shutting_down = True
+        metrics.READY.set(0)
+        log.info("shutdown begun: readiness now reports 503")
+
+    @property
+    def ready(self) -> bool:
+        return self.loading_done.is_set() and not self.shutting_down and not self._readiness_problem()
+
+    def readiness_problem(self) -> str | None:
+        if self.shutting_down:
+            return "shutting down"
+        if not self.loading_done.is_set():
+            return "models are loading"
+        return self._readiness_problem()
+
+    # lookup ----------------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        failed = {name for name, _ in self.failures}
+        return sorted(set(self.models) | failed)
+
+    def versions(self, name: str) -> list[str]:
+        loaded = set(self.models.get(name, {}))
+        failed = {version for n, version in self.failures if n == name}
+        return sorted(loaded | failed, key=version_key)
+
+    def latest(self, name: str) -> OnnxModel:
+        return self.models[name][max(self.models[name], key=version_key)]
+
+    def get(self, name: str | None = None, version: str | None = None) -> OnnxModel:
+        """The model to serve, or a typed error: 404 unknown, 503 still loading or failed to load."""
+        name = name or self.default_name
+        if name not in self.names():
+            if not self.loading_done.is_set():
+                raise NotReady("Models are still loading; retry in a moment.")
+            known = ", ".join(self.names()) or "none"
+            raise ModelNotFound(f"No model named {name!r}. Available models: {known}.")
+        if version is None:
+            if name not in self.models:
+                raise ModelUnavailable(f"Model {name!r} failed to load: "
+                                       f"{'; '.join(f.reason for f in self._failures_of(name))}.")
+            return self.latest(name)
+        if (name, version) in self.failures:
+            raise ModelUnavailable(f"Model {name!r} version {version} failed to load: "
+                                   f"{self.failures[(name, version)].reason}.")
+        model = self.models.get(name, {}).get(version)
+        if model is None:
+            raise VersionNotFound(f"Model {name!r} has no version {version!r}. "
+                                  f"Versions: {', '.join(self.versions(name))}.")
+        if not model.ready:
+            raise NotReady(f"Model {name!r} version {version} is not ready yet.")
+        return model
+
+    def failure(self, name: str, version: str) -> LoadFailure | None:
+        return self.failures.get((name, version))
+
+    # internals -------------------------------------------------------------------------------------------------
+    def _version_folders(self) -> list[Path]:
+        if not self.store.is_dir():
+            log.error("model store %s does not exist", self.store)
+            return []
+        folders = []
+        for model_dir in sorted(p for p in self.store.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            versions = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            folders.extend(sorted(versions, key=lambda p: version_key(p.name)))
+        return folders
+
+    def _load_one(self, folder: Path) -> None:
+        name, version = folder.parent.name, folder.name
+        model = self.model_factory(folder, self.intra_op_threads)
+        try:
+            model.load()
+        except ModelLoadError as exc:
+            self.failures[(name, version)] = LoadFailure(name, version, str(exc))
+            metrics.MODEL_LOAD_FAILURES.labels(name, version).inc()
+            metrics.MODEL_LOADED.labels(name, version).set(0)
+            log.error("model %s version %s failed to load: %s", name, version, exc, exc_info=True)
+            return
+        self.models.setdefault(name, {})[version] = model
+        metrics.MODEL_INFO.labels(name, version, model.metadata.get("sha256", "")).set(1)
+        metrics.MODEL_LOADED.labels(name, version).set(1)
+        log.info("loaded model %s version %s from %s", name, version, folder)
+
+    def _failures_of(self, name: str) -> list[LoadFailure]:
+        return [failure for (n, _), failure in self.failures.items() if n == name]
+
+    def _readiness_problem(self) -> str | None:
+        if not self.models:
+            if self.failures:
+                return "no model could be loaded: " + "; ".join(
+                    f"{f.name} v{f.version}: {f.reason}" for f in self.failures.values())
+            return f"the model store {self.store} has no models (expected <name>/<version>/model.onnx)"
+        not_ready = [f"{m.name} v{m.version}" for versions in self.models.values() for m in versions.values()
+                     if not m.ready]
+        if not_ready:
+            return "not warmed up: " + ", ".join(not_ready)
+        return None

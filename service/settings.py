@@ -1,0 +1,67 @@
+"""Every setting of the service, read from the environment, each with a default and a one-line description.
+
+These variable names are the contract: ``make serve``, the gunicorn config, the image and the Kubernetes manifests all
+use them. Nothing else in the service reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+REPO_MODEL_STORE = Path(__file__).resolve().parent.parent / "model_store"
+
+
+def _setting(default, description: str):
+    return field(default=default, metadata={"description": description})
+
+
+@dataclass(frozen=True)
+class Settings:
+    PORT: int = _setting(8080, "TCP port gunicorn listens on")
+    HOST: str = _setting("0.0.0.0", "address gunicorn binds to")
+    MODEL_STORE: Path = _setting(REPO_MODEL_STORE, "folder of <name>/<version>/{model.onnx,metadata.json}")
+    DEFAULT_MODEL: str = _setting("convnet", "model served by /v1/classify and /v1/inspect")
+    WORKERS: int = _setting(2, "gunicorn worker processes; one per CPU core is the measured best")
+    THREADS: int = _setting(1, "threads per worker; 1 = sync workers (best p99 measured on 2 cores)")
+    TIMEOUT: int = _setting(30, "seconds a worker may spend on one request before it is restarted")
+    GRACEFUL_TIMEOUT: int = _setting(30, "seconds workers get to finish in-flight requests on shutdown")
+    DRAIN_SECONDS: float = _setting(0.0, "on SIGTERM, keep serving this long with /readyz at 503 before stopping")
+    MAX_UPLOAD_BYTES: int = _setting(10 * 1024 * 1024, "largest request body accepted (413 above)")
+    MAX_BATCH_IMAGES: int = _setting(64, "most images in one request (413 above)")
+    MAX_IMAGE_PIXELS: int = _setting(40_000_000, "most pixels in one decoded image, against decompression bombs (413)")
+    ORT_INTRA_OP_THREADS: int = _setting(1, "ONNX Runtime threads per inference; 1 suits one worker per core")
+    LOG_LEVEL: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    CORS_ORIGINS: str = _setting("", "comma-separated origins allowed by CORS, '*' for any; empty = CORS off")
+    PROMETHEUS_MULTIPROC_DIR: str = _setting("", "metrics folder shared by workers; the gunicorn config sets one")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        environ = os.environ if environ is None else environ
+        values = {}
+        for spec in fields(cls):
+            if spec.name in overrides:
+                values[spec.name] = overrides[spec.name]
+            elif spec.name in environ and environ[spec.name] != "":
+                values[spec.name] = _parse(spec.name, type(spec.default), environ[spec.name])
+        return cls(**values)
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.CORS_ORIGINS.split(",") if origin.strip()]
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, object, str]]:
+        return [(f.name, f.default, f.metadata["description"]) for f in fields(cls)]
+
+
+def _parse(name: str, kind: type, raw: str):
+    try:
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if issubclass(kind, Path):
+            return Path(raw)
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"Setting {name}={raw!r} is not a valid {kind.__name__}.") from exc

@@ -1,0 +1,1 @@
+"""Offline training for the four-class ConvNet: data → train → evaluate → export to the model store."""

@@ -1,0 +1,77 @@
+"""Every hyperparameter in one commented place. The whole block is saved in the model's metadata.json.
+
+Each field's annotation carries its one-line description, which is also its ``--help`` text; any field can be
+overridden on the command line (``--epochs 40``). A preset is a named set of overrides on top of these defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Annotated, get_type_hints
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # What is trained.
+    arch: Annotated[str, "network layout: 'convnet' (accurate default) or 'lenet' (the classic layout)"] = "convnet"
+    width: Annotated[int, "convnet: channels of the first block; later blocks use 2x and 4x"] = 64
+    # Optimisation (SGD with Nesterov momentum; the rate warms up linearly, then decays linearly to zero).
+    epochs: Annotated[int, "passes over the training images"] = 32
+    batch_size: Annotated[int, "images per optimisation step"] = 256
+    lr: Annotated[float, "peak learning rate, reached at the end of warm-up"] = 0.2
+    momentum: Annotated[float, "SGD Nesterov momentum"] = 0.9
+    weight_decay: Annotated[float, "L2 penalty on conv and linear weights (not on batch-norm or biases)"] = 5e-4
+    warmup_epochs: Annotated[float, "epochs of linear learning-rate warm-up from zero"] = 2.0
+    label_smoothing: Annotated[float, "share of each target spread evenly over all classes"] = 0.2
+    ema_decay: Annotated[float, "per-step decay of the weight average that is evaluated and exported; 0 = off"] = 0.995
+    # Augmentation, applied per image on the fly.
+    flip: Annotated[bool, "mirror half of the training images left-right"] = True
+    translate: Annotated[int, "shift images by up to this many pixels (reflect padding)"] = 4
+    cutout: Annotated[int, "side in pixels of a random square blanked per image; 0 = off"] = 12
+    # Data.
+    val_fraction: Annotated[float, "share of each label held out for validation (stratified)"] = 0.1
+    extra_classes: Annotated[bool, "train on --extra-data's classes too (as extra outputs dropped at export)"] = True
+    # Export.
+    tta_flip: Annotated[bool, "average logits with the mirrored image, inside the exported graph"] = True
+    # Run.
+    seed: Annotated[int, "seeds the split, initialisation, shuffling and augmentation"] = 0
+    bf16: Annotated[bool, "bfloat16 autocast where the processor supports it (CUDA or AVX512-BF16 CPUs)"] = True
+    threads: Annotated[int, "CPU threads for torch; 0 = all cores"] = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, **overrides) -> TrainConfig:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+PRESETS: dict[str, dict] = {
+    # The shipped default model: >= 92 % validation accuracy in under an hour on a 2-core CPU.
+    "default": {},
+    # Quick iteration: >= 85 % in under 5 minutes on a 2-core CPU.
+    "fast": {"width": 32, "epochs": 20, "extra_classes": False, "cutout": 8, "ema_decay": 0.99},
+    # The classic LeNet layout, as drawn in the textbooks (no batch norm, no cutout).
+    "lenet": {
+        "arch": "lenet", "epochs": 30, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "label_smoothing": 0.0,
+        "cutout": 0, "translate": 2, "ema_decay": 0.0, "extra_classes": False, "tta_flip": True, "bf16": False,
+    },
+    # A seconds-long run for tests and smoke checks.
+    "smoke": {"arch": "lenet", "epochs": 1, "batch_size": 32, "lr": 0.01, "ema_decay": 0.0, "bf16": False,
+              "extra_classes": False},
+}
+
+
+def field_help() -> dict[str, tuple[type, str, object]]:
+    """name → (type, description, default), read from the annotations above."""
+    hints = get_type_hints(TrainConfig, include_extras=True)
+    out = {}
+    for f in fields(TrainConfig):
+        hint = hints[f.name]
+        out[f.name] = (hint.__origin__, hint.__metadata__[0], f.default)
+    return out
+
+
+def from_preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return TrainConfig(**PRESETS[name]).with_overrides(**overrides)

@@ -1,0 +1,106 @@
+"""Validation metrics and plots, computed from the exported ONNX model: what ships is what is measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from service.preprocessing import InputSpec, decode, normalize  # noqa: E402
+
+
+class StoredModel:
+    """A model directory of the store, run with ONNX Runtime exactly as the service preprocesses."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self.metadata = json.loads((self.dir / "metadata.json").read_text())
+        self.spec = InputSpec.from_metadata(self.metadata["input"]["preprocessing"])
+        self.labels = self.metadata["labels"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.dir / self.metadata["files"]["model"]), options,
+                                            providers=["CPUExecutionProvider"])
+
+    def preprocess(self, images: list[bytes]) -> np.ndarray:
+        """Encoded images → float32 (N, 3, H, W), through the shared preprocessing module."""
+        return normalize(np.stack([decode(data, self.spec) for data in images]), self.spec)
+
+    def probabilities(self, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        return np.concatenate([
+            self.session.run(["probabilities"], {"input": inputs[start:start + batch_size]})[0]
+            for start in range(0, len(inputs), batch_size)
+        ])
+
+    def classify(self, images: list[bytes]) -> np.ndarray:
+        return self.probabilities(self.preprocess(images))
+
+
+def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
+    predicted = probabilities.argmax(1)
+    count = len(label_names)
+    confusion = np.zeros((count, count), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {
+        name: {
+            "accuracy": float(confusion[i, i] / max(1, confusion[i].sum())),  # recall
+            "precision": float(confusion[i, i] / max(1, confusion[:, i].sum())),
+            "support": int(confusion[i].sum()),
+        }
+        for i, name in enumerate(label_names)
+    }
+    picked = probabilities[np.arange(len(labels)), labels]
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "loss": float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()),
+        "count": int(len(labels)),
+        "per_class": per_class,
+        "confusion_matrix": {"labels": label_names, "rows_true_columns_predicted": confusion.tolist()},
+    }
+
+
+def plot_confusion(metrics: dict, path: Path, title: str) -> None:
+    labels = metrics["confusion_matrix"]["labels"]
+    matrix = np.array(metrics["confusion_matrix"]["rows_true_columns_predicted"])
+    fig, ax = plt.subplots(figsize=(5, 4.4), dpi=120)
+    ax.imshow(matrix / matrix.sum(1, keepdims=True).clip(min=1), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            share = matrix[i, j] / max(1, matrix[i].sum())
+            ax.text(j, i, f"{matrix[i, j]}\n{share:.1%}", ha="center", va="center", fontsize=8,
+                    color="white" if share > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}: {metrics['accuracy']:.2%} of {metrics['count']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], label="train (augmented, smoothed)")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], label="validation")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("cross-entropy")
+    loss_ax.legend()
+    acc_ax.plot(epochs, [r["train_accuracy"] for r in history], label="train (augmented)")
+    acc_ax.plot(epochs, [r["val_accuracy"] for r in history], label="validation")
+    acc_ax.set_xlabel("epoch")
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.legend()
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
