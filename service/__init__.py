@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from flask import Flask
+if TYPE_CHECKING:  # the gunicorn master imports service.settings: keep metrics and ONNX Runtime out of it
+    from flask import Flask
 
-from service.registry import ModelRegistry
-from service.runtime import Runtime
-from service.settings import Settings
+    from service.registry import ModelRegistry
+    from service.runtime import Runtime
+    from service.settings import Settings
 
 __version__ = "0.1.0"
 
@@ -29,7 +31,12 @@ class AppState:
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
                load_models: bool = True) -> Flask:
+    from flask import Flask
+
     from service.api import register_api
+    from service.registry import ModelRegistry
+    from service.runtime import Runtime
+    from service.settings import Settings
 
     settings = settings or Settings.from_env()
     configure_logging(settings.LOG_LEVEL)

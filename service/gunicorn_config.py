@@ -47,8 +47,13 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """On SIGTERM: report not-ready at once, keep serving for DRAIN_SECONDS, then stop gracefully."""
+    """Accept connections only once this worker's models are loaded and warmed, so a restarted worker never
+    answers 503 while its siblings serve. On SIGTERM: report not-ready at once, keep serving for DRAIN_SECONDS,
+    then stop gracefully."""
     drain_seconds = Settings.from_env().DRAIN_SECONDS
+    state = worker.wsgi.extensions.get("convserve")
+    if state is not None:
+        state.registry.loading_done.wait(timeout=max(1, settings.TIMEOUT - 5))
 
     def stop():
         worker.alive = False
@@ -58,7 +63,6 @@ def post_worker_init(worker):
             pass
 
     def begin_shutdown(signum, frame):
-        state = worker.wsgi.extensions.get("convserve")
         if state is not None:
             state.registry.begin_shutdown()
         if drain_seconds > 0:

@@ -131,9 +131,9 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     if mode in _SIXTEEN_BIT_MODES:
         # 16-bit greyscale: keep the top 8 bits (PIL's convert("RGB") would clip everything above 255 to white).
         wide = np.asarray(image, dtype=np.uint32)
-        image = Image.fromarray((wide // 257).clip(0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray((wide // 257).clip(0, 255).astype(np.uint8))
     elif mode == "F":
-        image = Image.fromarray(np.asarray(image, dtype=np.float32).clip(0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.asarray(image, dtype=np.float32).clip(0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

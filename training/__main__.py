@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
-    from training.train import fit  # torch import deferred so --help is instant
+    from training.train import fit, seed_everything  # torch import deferred so --help is instant
 
     started = time.perf_counter()
     name = args.name or config.arch
@@ -104,6 +104,7 @@ def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
     train_inputs, val_inputs = normalize(train_part.images, spec), normalize(val.images, spec)
     print(f"training {name} ({config.arch}) on {len(train_part.labels)} images "
           f"({', '.join(train_part.label_names)}), validating on {len(val.labels)}")
+    seed_everything(config.seed)  # before the model is built: initial weights depend on it
     model = build(config.arch, len(train_part.label_names), config.width)
     final, history, run_info = fit(config, train_part, train_inputs, val, val_inputs, model, len(labels),
                                    progress=not args.no_progress)

@@ -112,7 +112,6 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
         progress: bool = True) -> tuple[nn.Module, History, dict]:
     """Train ``model`` on normalised inputs; return the model to export (the EMA when enabled) and the history."""
     device = pick_device()
-    seed_everything(config.seed)
     if config.threads and device.type == "cpu":
         torch.set_num_threads(config.threads)
     use_bf16 = config.bf16 and bf16_supported(device)

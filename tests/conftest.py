@@ -1,0 +1,69 @@
+"""Fixtures chain settings → app → client. The shipped model store is used read-only; tests that change a store
+work on a copy in tmp_path."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from service import create_app
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_STORE = REPO / "model_store"
+SHIPPED_MODELS = sorted(p.name for p in SHIPPED_STORE.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def wait_ready(app, timeout: float = 30.0) -> None:
+    assert app.extensions["convserve"].registry.loading_done.wait(timeout), "models did not load in time"
+
+
+@pytest.fixture(scope="session")
+def shipped_settings() -> Settings:
+    return Settings.from_env({}, MODEL_STORE=SHIPPED_STORE)
+
+
+@pytest.fixture(scope="session")
+def app(shipped_settings):
+    application = create_app(shipped_settings)
+    wait_ready(application)
+    return application
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture()
+def lenet_store(tmp_path) -> Path:
+    """A private store holding a copy of the shipped lenet model (version 1)."""
+    store = tmp_path / "store"
+    shutil.copytree(SHIPPED_STORE / "lenet", store / "lenet", ignore=shutil.ignore_patterns("*.png"))
+    return store
+
+
+@pytest.fixture()
+def make_client():
+    """Build an app on given settings and return a ready test client."""
+
+    def build(**overrides):
+        settings = Settings.from_env({}, **overrides)
+        application = create_app(settings)
+        wait_ready(application)
+        return application.test_client()
+
+    return build
+
+
+def poll(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")

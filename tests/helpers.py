@@ -1,0 +1,109 @@
+"""Test helpers: synthetic images and waiting for servers. Tests make their own images; no dataset is read."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+
+import numpy as np
+import requests
+from PIL import Image
+
+
+def pattern(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
+    """A deterministic colourful RGB pattern (gradients + noise), uint8 (H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    red = (xs * 255 // max(1, width - 1))
+    green = (ys * 255 // max(1, height - 1))
+    blue = ((xs + ys) * 4) % 256
+    noise = rng.integers(0, 40, size=(height, width, 3))
+    return (np.stack([red, green, blue], -1) + noise).clip(0, 255).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray | Image.Image, fmt: str = "PNG", mode: str | None = None, **save_args) -> bytes:
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    if mode is not None:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def image_bytes(fmt: str = "PNG", width: int = 64, height: int = 48, seed: int = 0, mode: str | None = None) -> bytes:
+    return encode(pattern(width, height, seed), fmt, mode)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, status: int = 200, timeout: float = 60.0, process=None) -> requests.Response:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
+        try:
+            last = requests.get(url, timeout=2)
+            if last.status_code == status:
+                return last
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout} s (last: {last and last.status_code})")
+
+
+class GunicornServer:
+    """The service as deployed: a real gunicorn master with its config file and worker processes."""
+
+    def __init__(self, tmp_path, **settings):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(tmp_path) / f"gunicorn-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PORT", "WORKERS", "PROMETHEUS"))}
+        self.metrics_dir = Path(tmp_path) / f"metrics-{self.port}"
+        env.update(PORT=str(self.port), HOST="127.0.0.1", LOG_LEVEL="INFO",
+                   PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
+        env.update({key: str(value) for key, value in settings.items()})
+        gunicorn = Path(sys.executable).parent / "gunicorn"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen([str(gunicorn), "-c", "python:service.gunicorn_config"], env=env,
+                                        stdout=self._log, stderr=subprocess.STDOUT,
+                                        cwd=Path(__file__).resolve().parent.parent)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        try:
+            wait_for(self.url + "/readyz", 200, timeout, self.process)
+        except Exception as exc:
+            raise AssertionError(f"{exc}\n--- gunicorn log ---\n{self.log()}") from exc
+
+    def worker_pids(self) -> set[int]:
+        from pathlib import Path
+
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return {int(pid) for pid in children.read_text().split()} if children.exists() else set()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()

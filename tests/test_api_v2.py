@@ -1,0 +1,140 @@
+"""The Open Inference Protocol (KServe v2 REST) in process: JSON and binary tensors, FP32 and BYTES inputs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from service.preprocessing import InputSpec, preprocess
+from tests.helpers import image_bytes
+
+
+@pytest.fixture()
+def lenet_input(client):
+    spec = InputSpec.from_metadata(client.get("/v1/models/lenet").get_json()["input"]["preprocessing"])
+    return np.stack([preprocess(image_bytes(seed=s), spec) for s in (1, 2)])
+
+
+def classify_v1(client, seeds):
+    files = {str(s): (io.BytesIO(image_bytes(seed=s)), f"{s}.png") for s in seeds}
+    predictions = client.post("/v1/models/lenet/classify", data=files, content_type="multipart/form-data")
+    return np.array([list(p["probabilities"].values()) for p in predictions.get_json()["predictions"]])
+
+
+def test_server_and_health(client):
+    assert client.get("/v2").get_json() == {"name": "convserve", "version": "0.1.0",
+                                            "extensions": ["binary_tensor_data"]}
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").get_json() == {"ready": True}
+    assert client.get("/v2/models/lenet/ready").get_json() == {"name": "lenet", "ready": True}
+    assert client.get("/v2/models/lenet/versions/1/ready").status_code == 200
+
+
+def test_model_metadata(client):
+    body = client.get("/v2/models/lenet").get_json()
+    assert body["name"] == "lenet" and "1" in body["versions"]
+    assert body["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 4]}]
+    assert client.get("/v2/models/lenet/versions/1").status_code == 200
+
+
+def test_infer_fp32_json_matches_v1(client, lenet_input):
+    request = {"id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": list(lenet_input.shape),
+                                       "data": lenet_input.ravel().tolist()}]}
+    response = client.post("/v2/models/lenet/infer", json=request)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["model_name"] == "lenet" and body["model_version"] == "1" and body["id"] == "r1"
+    output = body["outputs"][0]
+    assert output["name"] == "probabilities" and output["datatype"] == "FP32" and output["shape"] == [2, 4]
+    np.testing.assert_allclose(np.array(output["data"]).reshape(2, 4), classify_v1(client, (1, 2)), atol=1e-6)
+
+
+def test_infer_nested_data_is_accepted(client, lenet_input):
+    request = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                           "data": lenet_input[:1].tolist()}]}
+    assert client.post("/v2/models/lenet/versions/1/infer", json=request).status_code == 200
+
+
+def test_infer_bytes_base64(client):
+    images = [base64.b64encode(image_bytes(seed=s)).decode() for s in (1, 2)]
+    request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": images}]}
+    body = client.post("/v2/models/lenet/infer", json=request).get_json()
+    np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(2, 4), classify_v1(client, (1, 2)),
+                               atol=1e-6)
+
+
+def binary_request(header: dict, blob: bytes) -> tuple[bytes, dict]:
+    json_part = json.dumps(header).encode()
+    return json_part + blob, {"Inference-Header-Content-Length": str(len(json_part))}
+
+
+def test_binary_tensor_extension_both_ways(client, lenet_input):
+    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(lenet_input.shape),
+                          "parameters": {"binary_data_size": lenet_input.nbytes}}],
+              "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}
+    body, headers = binary_request(header, lenet_input.astype("<f4").tobytes())
+    response = client.post("/v2/models/lenet/infer", data=body, headers=headers,
+                           content_type="application/octet-stream")
+    assert response.status_code == 200
+    split = int(response.headers["Inference-Header-Content-Length"])
+    payload = response.get_data()
+    described = json.loads(payload[:split])
+    assert described["outputs"][0]["parameters"]["binary_data_size"] == 2 * 4 * 4
+    probabilities = np.frombuffer(payload[split:], dtype="<f4").reshape(2, 4)
+    np.testing.assert_allclose(probabilities, classify_v1(client, (1, 2)), atol=1e-6)
+
+
+def test_binary_bytes_input(client):
+    blob = b"".join(struct.pack("<I", len(i)) + i for i in (image_bytes(seed=1), image_bytes(seed=2)))
+    header = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                          "parameters": {"binary_data_size": len(blob)}}]}
+    body, headers = binary_request(header, blob)
+    response = client.post("/v2/models/lenet/infer", data=body, headers=headers)
+    assert response.status_code == 200 and response.get_json()["outputs"][0]["shape"] == [2, 4]
+
+
+@pytest.mark.parametrize(("request_body", "status", "fragment"), [
+    (b"", 400, "empty"),
+    (b"{bad", 400, "not valid JSON"),
+    (b"[]", 400, "JSON object"),
+    (json.dumps({"inputs": []}).encode(), 400, "exactly one tensor"),
+    (json.dumps({"inputs": [{"datatype": "INT8", "shape": [1], "data": [1]}]}).encode(), 400, "INT8"),
+    (json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 5}]}).encode(), 400,
+     "needs 3072"),
+    (json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 8, 8], "data": [0.0] * 192}]}).encode(), 400,
+     "shape [N, 3, 32, 32]"),
+    (json.dumps({"inputs": [{"datatype": "FP32", "shape": "big", "data": []}]}).encode(), 400, "shape must be"),
+    (json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 32, 32], "data": ["x"] * 3072}]}).encode(), 400,
+     "not a list of numbers"),
+    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}).encode(), 400, "base64"),
+    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}]}).encode(), 400,
+     "not a readable image"),
+    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [2, 2], "data": []}]}).encode(), 400, "shape [N]"),
+    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": []}]}).encode(), 400, "holds 0"),
+    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [500], "data": []}]}).encode(), 413, "limit is 64"),
+])
+def test_bad_requests_get_v2_error_bodies(client, request_body, status, fragment):
+    response = client.post("/v2/models/lenet/infer", data=request_body, content_type="application/json")
+    assert response.status_code == status
+    body = response.get_json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and fragment in body["error"], body
+
+
+def test_bad_binary_header(client):
+    response = client.post("/v2/models/lenet/infer", data=b"{}", headers={"Inference-Header-Content-Length": "99"})
+    assert response.status_code == 400 and "does not fit" in response.get_json()["error"]
+
+
+def test_unknown_model_and_output(client, lenet_input):
+    assert client.get("/v2/models/nope").status_code == 404
+    assert client.get("/v2/models/nope").get_json()["error"].startswith("No model named 'nope'")
+    request = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                           "data": lenet_input[:1].ravel().tolist()}], "outputs": [{"name": "features"}]}
+    response = client.post("/v2/models/lenet/infer", json=request)
+    assert response.status_code == 400 and "only output" in response.get_json()["error"]
