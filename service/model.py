@@ -35,7 +35,7 @@ class OnnxModel:
 
     @property
     def name(self) -> str:
-        return self.metadata.get("name", self.folder.parent.name)
+        return self.folder.parent.name  # the store layout, not metadata, decides what a model is called
 
     @property
     def version(self) -> str:

@@ -42,7 +42,6 @@ class ModelRegistry:
         self.failures: dict[tuple[str, str], LoadFailure] = {}
         self.loading_done = threading.Event()
         self.shutting_down = False
-        self.problem = "models are loading"
 
     # lifecycle -----------------------------------------------------------------------------------------------
     def start_loading(self) -> threading.Thread:
@@ -57,10 +56,10 @@ class ModelRegistry:
                 self._load_one(folder)
         finally:
             self.loading_done.set()
-            self.problem = self._readiness_problem()
-            metrics.READY.set(1 if self.ready else 0)
-            if self.problem:
-                log.error("not ready: %s", self.problem)
+            problem = self._readiness_problem()
+            metrics.READY.set(0 if problem else 1)
+            if problem:
+                log.error("not ready: %s", problem)
             else:
                 log.info("ready: %s", ", ".join(f"{n} v{self.latest(n).version}" for n in self.models))
 
@@ -160,4 +159,7 @@ class ModelRegistry:
                      if not m.ready]
         if not_ready:
             return "not warmed up: " + ", ".join(not_ready)
+        if self.default_name not in self.models:
+            return (f"the default model {self.default_name!r} is not loaded (models: {', '.join(self.models)}); "
+                    "set DEFAULT_MODEL to one of them")
         return None

@@ -27,8 +27,11 @@ def classify_v1(client, seeds):
 
 
 def test_server_and_health(client):
-    assert client.get("/v2").get_json() == {"name": "convserve", "version": "0.1.0",
-                                            "extensions": ["binary_tensor_data"]}
+    assert client.get("/v2").get_json() == {
+        "name": "convserve",
+        "version": "0.1.0",
+        "extensions": ["binary_tensor_data"],
+    }
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").get_json() == {"ready": True}
     assert client.get("/v2/models/lenet/ready").get_json() == {"name": "lenet", "ready": True}
@@ -44,8 +47,17 @@ def test_model_metadata(client):
 
 
 def test_infer_fp32_json_matches_v1(client, lenet_input):
-    request = {"id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": list(lenet_input.shape),
-                                       "data": lenet_input.ravel().tolist()}]}
+    request = {
+        "id": "r1",
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": list(lenet_input.shape),
+                "data": lenet_input.ravel().tolist(),
+            }
+        ],
+    }
     response = client.post("/v2/models/lenet/infer", json=request)
     assert response.status_code == 200
     body = response.get_json()
@@ -56,8 +68,9 @@ def test_infer_fp32_json_matches_v1(client, lenet_input):
 
 
 def test_infer_nested_data_is_accepted(client, lenet_input):
-    request = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
-                           "data": lenet_input[:1].tolist()}]}
+    request = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": lenet_input[:1].tolist()}]
+    }
     assert client.post("/v2/models/lenet/versions/1/infer", json=request).status_code == 200
 
 
@@ -65,8 +78,9 @@ def test_infer_bytes_base64(client):
     images = [base64.b64encode(image_bytes(seed=s)).decode() for s in (1, 2)]
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": images}]}
     body = client.post("/v2/models/lenet/infer", json=request).get_json()
-    np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(2, 4), classify_v1(client, (1, 2)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(body["outputs"][0]["data"]).reshape(2, 4), classify_v1(client, (1, 2)), atol=1e-6
+    )
 
 
 def binary_request(header: dict, blob: bytes) -> tuple[bytes, dict]:
@@ -75,12 +89,21 @@ def binary_request(header: dict, blob: bytes) -> tuple[bytes, dict]:
 
 
 def test_binary_tensor_extension_both_ways(client, lenet_input):
-    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(lenet_input.shape),
-                          "parameters": {"binary_data_size": lenet_input.nbytes}}],
-              "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}
+    header = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": list(lenet_input.shape),
+                "parameters": {"binary_data_size": lenet_input.nbytes},
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }
     body, headers = binary_request(header, lenet_input.astype("<f4").tobytes())
-    response = client.post("/v2/models/lenet/infer", data=body, headers=headers,
-                           content_type="application/octet-stream")
+    response = client.post(
+        "/v2/models/lenet/infer", data=body, headers=headers, content_type="application/octet-stream"
+    )
     assert response.status_code == 200
     split = int(response.headers["Inference-Header-Content-Length"])
     payload = response.get_data()
@@ -92,33 +115,49 @@ def test_binary_tensor_extension_both_ways(client, lenet_input):
 
 def test_binary_bytes_input(client):
     blob = b"".join(struct.pack("<I", len(i)) + i for i in (image_bytes(seed=1), image_bytes(seed=2)))
-    header = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
-                          "parameters": {"binary_data_size": len(blob)}}]}
+    header = {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(blob)}}]
+    }
     body, headers = binary_request(header, blob)
     response = client.post("/v2/models/lenet/infer", data=body, headers=headers)
     assert response.status_code == 200 and response.get_json()["outputs"][0]["shape"] == [2, 4]
 
 
-@pytest.mark.parametrize(("request_body", "status", "fragment"), [
-    (b"", 400, "empty"),
-    (b"{bad", 400, "not valid JSON"),
-    (b"[]", 400, "JSON object"),
-    (json.dumps({"inputs": []}).encode(), 400, "exactly one tensor"),
-    (json.dumps({"inputs": [{"datatype": "INT8", "shape": [1], "data": [1]}]}).encode(), 400, "INT8"),
-    (json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 5}]}).encode(), 400,
-     "needs 3072"),
-    (json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 8, 8], "data": [0.0] * 192}]}).encode(), 400,
-     "shape [N, 3, 32, 32]"),
-    (json.dumps({"inputs": [{"datatype": "FP32", "shape": "big", "data": []}]}).encode(), 400, "shape must be"),
-    (json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 32, 32], "data": ["x"] * 3072}]}).encode(), 400,
-     "not a list of numbers"),
-    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}).encode(), 400, "base64"),
-    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}]}).encode(), 400,
-     "not a readable image"),
-    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [2, 2], "data": []}]}).encode(), 400, "shape [N]"),
-    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": []}]}).encode(), 400, "holds 0"),
-    (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [500], "data": []}]}).encode(), 413, "limit is 64"),
-])
+@pytest.mark.parametrize(
+    ("request_body", "status", "fragment"),
+    [
+        (b"", 400, "empty"),
+        (b"{bad", 400, "not valid JSON"),
+        (b"[]", 400, "JSON object"),
+        (json.dumps({"inputs": []}).encode(), 400, "exactly one tensor"),
+        (json.dumps({"inputs": [{"datatype": "INT8", "shape": [1], "data": [1]}]}).encode(), 400, "INT8"),
+        (
+            json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 5}]}).encode(),
+            400,
+            "needs 3072",
+        ),
+        (
+            json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 8, 8], "data": [0.0] * 192}]}).encode(),
+            400,
+            "shape [N, 3, 32, 32]",
+        ),
+        (json.dumps({"inputs": [{"datatype": "FP32", "shape": "big", "data": []}]}).encode(), 400, "shape must be"),
+        (
+            json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 32, 32], "data": ["x"] * 3072}]}).encode(),
+            400,
+            "not a list of numbers",
+        ),
+        (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}).encode(), 400, "base64"),
+        (
+            json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}]}).encode(),
+            400,
+            "not a readable image",
+        ),
+        (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [2, 2], "data": []}]}).encode(), 400, "shape [N]"),
+        (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": []}]}).encode(), 400, "holds 0"),
+        (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [500], "data": []}]}).encode(), 413, "limit is 64"),
+    ],
+)
 def test_bad_requests_get_v2_error_bodies(client, request_body, status, fragment):
     response = client.post("/v2/models/lenet/infer", data=request_body, content_type="application/json")
     assert response.status_code == status
@@ -134,7 +173,39 @@ def test_bad_binary_header(client):
 def test_unknown_model_and_output(client, lenet_input):
     assert client.get("/v2/models/nope").status_code == 404
     assert client.get("/v2/models/nope").get_json()["error"].startswith("No model named 'nope'")
-    request = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
-                           "data": lenet_input[:1].ravel().tolist()}], "outputs": [{"name": "features"}]}
+    request = {
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": lenet_input[:1].ravel().tolist()}
+        ],
+        "outputs": [{"name": "features"}],
+    }
     response = client.post("/v2/models/lenet/infer", json=request)
     assert response.status_code == 400 and "only output" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        {"datatype": "FP32", "shape": [], "data": []},
+        {"datatype": "FP32", "shape": [0, 3, 32, 32], "data": []},
+        {"datatype": "FP32", "shape": [True, 3, 32, 32], "data": [0.0] * 3072},
+        {"datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072, "parameters": "x"},
+    ],
+)
+def test_malformed_tensors_are_400_not_500(client, tensor):
+    response = client.post("/v2/models/lenet/infer", json={"inputs": [tensor]})
+    assert response.status_code == 400, response.get_json()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"parameters": "x"}, {"outputs": "probabilities"}, {"outputs": [{"name": "probabilities", "parameters": 3}]}],
+)
+def test_malformed_request_parameters_are_400(client, lenet_input, extra):
+    request = {
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": lenet_input[:1].ravel().tolist()}
+        ],
+        **extra,
+    }
+    assert client.post("/v2/models/lenet/infer", json=request).status_code == 400

@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from service.preprocessing import InputSpec, normalize
 from training import data
 from training.config import PRESETS, TrainConfig, field_help, from_preset
 from training.data import PRODUCT_LABELS, DataError
-from training.evaluate import StoredModel, classification_metrics, plot_confusion, plot_curves
+from training.evaluate import StoredModel, classification_metrics, onnx_probabilities, plot_confusion, plot_curves
 from training.export import (
     ParityError,
     discard,
@@ -114,12 +115,8 @@ def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
     try:
         properties = {"labels": json.dumps(labels), "name": name, "version": str(version)}
         parity = write_graphs(final, staging, config.tta_flip, val_inputs[:256], properties)
-        stored = StoredModel.__new__(StoredModel)
-        stored.dir = staging
-        import onnxruntime as ort
-
-        stored.session = ort.InferenceSession(str(staging / "model.onnx"), providers=["CPUExecutionProvider"])
-        metrics = classification_metrics(stored.probabilities(val_inputs), val.labels, labels)
+        session = ort.InferenceSession(str(staging / "model.onnx"), providers=["CPUExecutionProvider"])
+        metrics = classification_metrics(onnx_probabilities(session, val_inputs), val.labels, labels)  # as shipped
         plot_confusion(metrics, staging / "confusion_matrix.png", f"{name} v{version} validation")
         plot_curves(history.rows, staging / "training_curves.png", f"{name} v{version}")
         write_json(staging / "metrics.json", {"validation": metrics, "history": history.rows})

@@ -32,14 +32,16 @@ class StoredModel:
         """Encoded images → float32 (N, 3, H, W), through the shared preprocessing module."""
         return normalize(np.stack([decode(data, self.spec) for data in images]), self.spec)
 
-    def probabilities(self, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
-        return np.concatenate([
-            self.session.run(["probabilities"], {"input": inputs[start:start + batch_size]})[0]
-            for start in range(0, len(inputs), batch_size)
-        ])
+    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        return onnx_probabilities(self.session, inputs)
 
     def classify(self, images: list[bytes]) -> np.ndarray:
         return self.probabilities(self.preprocess(images))
+
+
+def onnx_probabilities(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    return np.concatenate([session.run(["probabilities"], {"input": inputs[start:start + batch_size]})[0]
+                           for start in range(0, len(inputs), batch_size)])
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:

@@ -80,12 +80,12 @@ def infer(name: str, version: str | None = None):
         raise InvalidTensor(f"Input datatype {datatype!r} is not supported; use FP32 (preprocessed) or BYTES "
                             "(encoded images).")
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InvalidTensor("Input shape must be a list of non-negative integers.")
-    count = shape[0] if shape else 0
-    if count > app.settings.MAX_BATCH_IMAGES:
-        raise TooManyImages(f"{count} images in one request; the limit is {app.settings.MAX_BATCH_IMAGES}.")
-    binary_size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise InvalidTensor("Input shape must be a non-empty list of positive integers, starting with the batch size.")
+    if shape[0] > app.settings.MAX_BATCH_IMAGES:
+        raise TooManyImages(f"{shape[0]} images in one request; the limit is {app.settings.MAX_BATCH_IMAGES}.")
+    binary_size = _parameters(tensor).get("binary_data_size")
     if datatype == "FP32":
         array = _fp32(tensor, shape, binary, binary_size)
         probabilities = app.runtime.infer_tensor(model, array)
@@ -93,6 +93,15 @@ def infer(name: str, version: str | None = None):
         images = _bytes_elements(tensor, shape, binary, binary_size)
         probabilities = app.runtime.infer_encoded(model, images)
     return _respond(header, model, probabilities)
+
+
+def _parameters(holder: dict) -> dict:
+    parameters = holder.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise InvalidTensor('"parameters" must be a JSON object.')
+    return parameters
 
 
 def _split_body() -> tuple[dict, bytes]:
@@ -120,7 +129,7 @@ def _split_body() -> tuple[dict, bytes]:
 
 
 def _fp32(tensor: dict, shape: list[int], binary: bytes, binary_size) -> np.ndarray:
-    expected = int(np.prod(shape)) if shape else 0
+    expected = int(np.prod(shape))
     if binary_size is not None:
         if not isinstance(binary_size, int) or binary_size != len(binary) or binary_size != expected * 4:
             raise InvalidTensor(f"binary_data_size must be {expected * 4} bytes for FP32 {shape}; the body carries "
@@ -162,12 +171,14 @@ def _bytes_elements(tensor: dict, shape: list[int], binary: bytes, binary_size) 
 
 def _respond(header: dict, model, probabilities: np.ndarray) -> Response:
     requested = header.get("outputs") or [{"name": "probabilities"}]
-    parameters = header.get("parameters") or {}
+    if not isinstance(requested, list):
+        raise InvalidTensor('"outputs" must be a list of {"name": "probabilities"}.')
+    parameters = _parameters(header)
     outputs, blobs = [], []
     for output in requested:
         if not isinstance(output, dict) or output.get("name") != "probabilities":
             raise InvalidTensor("The only output is 'probabilities'.")
-        binary = (output.get("parameters") or {}).get("binary_data", parameters.get("binary_data_output", False))
+        binary = _parameters(output).get("binary_data", parameters.get("binary_data_output", False))
         described = {"name": "probabilities", "datatype": "FP32", "shape": list(probabilities.shape)}
         if binary:
             blob = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
