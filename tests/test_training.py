@@ -17,7 +17,7 @@ from service.model import OnnxModel
 from service.preprocessing import InputSpec, decode, normalize
 from service.registry import ModelRegistry
 from service.settings import Settings
-from tests.helpers import encode, image_bytes, pattern
+from tests.helpers import encode, pattern
 from training import data
 from training.__main__ import main
 from training.config import PRESETS, TrainConfig, field_help
