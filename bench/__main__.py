@@ -31,8 +31,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.inprocess import in_process_worker  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
-from service.preprocessing import decode, normalize  # noqa: E402
 from tests.helpers import GunicornServer, encode, pattern  # noqa: E402
 
 WRK_SCRIPT = """
@@ -66,31 +66,18 @@ def parse_wrk(output: str) -> dict:
 
 
 def run_wrk(url: str, body_path: Path, content_type: str, connections: int, seconds: float, script: Path) -> dict:
-    command = ["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{seconds}s", "--latency",
+    command = ["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--latency",
                "-s", str(script), url]
     env = dict(os.environ, BENCH_BODY=str(body_path), BENCH_TYPE=content_type)
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     return parse_wrk(output)
 
 
-def _in_process_worker(args) -> int:
-    folder, payload, seconds, barrier_time = args
-    model = OnnxModel(Path(folder), intra_op_threads=1)
-    model.load()
-    while time.time() < barrier_time:
-        time.sleep(0.001)
-    done, deadline = 0, time.time() + seconds
-    while time.time() < deadline:
-        model.predict(normalize(decode(payload, model.spec)[None], model.spec))
-        done += 1
-    return done
-
-
 def in_process_limit(folder: Path, payload: bytes, processes: int, seconds: float) -> float:
     """Images/s for decode + preprocess + ONNX Runtime in ``processes`` processes at once, no HTTP."""
     start = time.time() + 2.0
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        counts = pool.map(_in_process_worker, [(str(folder), payload, seconds, start)] * processes)
+        counts = pool.map(in_process_worker, [(str(folder), payload, seconds, start)] * processes)
     return sum(counts) / seconds
 
 
@@ -115,7 +102,7 @@ def latest_version(store: Path, name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=6.0, help="duration of each wrk run")
+    parser.add_argument("--seconds", type=int, default=6, help="duration of each wrk run, in whole seconds")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", os.cpu_count() or 2)))
     parser.add_argument("--connections", default="1,8,32", help="comma-separated wrk connection counts")
     parser.add_argument("--model", default="convnet")

@@ -33,6 +33,8 @@ loglevel = settings.LOG_LEVEL.lower()
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 # Request-line and header limits stay at gunicorn's defaults; the body limit is MAX_UPLOAD_BYTES in the app.
 forwarded_allow_ips = "*"
+# gunicorn's control socket lives in $HOME, which a read-only container does not have; nothing here uses it.
+control_socket_disable = True
 
 
 def on_starting(server):

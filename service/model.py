@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+# ONNX Runtime's telemetry would try to reach the network and aborted workers on shutdown in containers.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort  # noqa: E402
 
 from service.errors import InvalidTensor
 from service.preprocessing import InputSpec

@@ -12,6 +12,7 @@ from PIL import Image
 from service.preprocessing import InputSpec
 
 GRID_GAP = 1  # pixels between tiles in a feature-map grid
+GAP_COLOUR = (70, 110, 200)  # a blue no greyscale value can be mistaken for
 OVERLAY_SIZE = 128  # side of the class activation map overlay
 
 
@@ -27,13 +28,14 @@ def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def feature_grid(maps: np.ndarray) -> dict:
-    """(C, H, W) → one greyscale PNG of all channels tiled row-major, scaled from one shared value range."""
+    """(C, H, W) → one PNG of all channels as grey tiles, row-major, scaled from one shared value range."""
     channels, height, width = maps.shape
     columns = math.ceil(math.sqrt(channels))
     rows = math.ceil(channels / columns)
     low, high = float(maps.min()), float(maps.max())
-    grid = np.full((rows * (height + GRID_GAP) - GRID_GAP, columns * (width + GRID_GAP) - GRID_GAP), 96, np.uint8)
-    scaled = to_uint8(maps, low, high)
+    grid = np.empty((rows * (height + GRID_GAP) - GRID_GAP, columns * (width + GRID_GAP) - GRID_GAP, 3), np.uint8)
+    grid[:] = GAP_COLOUR
+    scaled = to_uint8(maps, low, high)[..., None]
     for channel in range(channels):
         top, left = (channel // columns) * (height + GRID_GAP), (channel % columns) * (width + GRID_GAP)
         grid[top:top + height, left:left + width] = scaled[channel]
@@ -75,11 +77,12 @@ def filter_grid(weights: np.ndarray) -> dict:
     rows = math.ceil(out_channels / columns)
     colour = in_channels == 3
     shape = (rows * (height + GRID_GAP) - GRID_GAP, columns * (width + GRID_GAP) - GRID_GAP)
-    grid = np.full((*shape, 3) if colour else shape, 96, np.uint8)
+    grid = np.empty((*shape, 3), np.uint8)
+    grid[:] = GAP_COLOUR
     tiles = to_uint8(weights, -limit, limit)
     for index in range(out_channels):
         top, left = (index // columns) * (height + GRID_GAP), (index % columns) * (width + GRID_GAP)
-        tile = np.moveaxis(tiles[index], 0, -1) if colour else tiles[index].mean(0).astype(np.uint8)
+        tile = np.moveaxis(tiles[index], 0, -1) if colour else tiles[index].mean(0).astype(np.uint8)[..., None]
         grid[top:top + height, left:left + width] = tile
     return {"png": png_data_url(grid), "range": [-limit, limit], "rows": rows, "columns": columns,
             "tile": [height, width], "gap": GRID_GAP}

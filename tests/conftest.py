@@ -4,7 +4,6 @@ work on a copy in tmp_path."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -57,16 +56,6 @@ def make_client():
         return application.test_client()
 
     return build
-
-
-def poll(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError("condition not met in time")
 
 
 # In CI nothing may be skipped: a skipped test hides a missing install step.

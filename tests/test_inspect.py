@@ -69,7 +69,7 @@ def test_inspect_returns_every_stage_and_the_same_softmax_as_classify(client, na
             grid = stage["maps"]
             height, width = grid["tile"]
             assert [grid["rows"] * grid["columns"] >= stage["shape"][0], grid["tile"]] == [True, stage["shape"][1:]]
-            assert png(grid["png"]).shape == (grid["rows"] * (height + 1) - 1, grid["columns"] * (width + 1) - 1)
+            assert png(grid["png"]).shape == (grid["rows"] * (height + 1) - 1, grid["columns"] * (width + 1) - 1, 3)
             assert grid["range"][0] <= grid["range"][1]
         else:
             assert len(stage["values"]) == stage["shape"][0]

@@ -87,6 +87,7 @@ def test_prometheus_sees_the_known_traffic(stack):
     eventually(prometheus, "convserve_ready", 1)
     eventually(prometheus, "convserve_requests_in_flight", 0)
     assert query(prometheus, 'count(convserve_requests_total{route="/healthz"})') is None
+    # Over all requests so far (the series are new, so a rate() window may not hold two samples of them yet).
     p99 = query(prometheus, "histogram_quantile(0.99, sum by (le) "
-                            '(rate(convserve_request_duration_seconds_bucket{route="/v1/classify"}[1m])))')
+                            '(convserve_request_duration_seconds_bucket{route="/v1/classify"}))')
     assert p99 is not None and 0 < p99 < 10

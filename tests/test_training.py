@@ -237,7 +237,8 @@ def test_tiny_run_writes_a_complete_version(tiny_run):
     assert metadata["input"]["shape"] == [-1, 3, 32, 32]
     assert set(metadata["input"]["preprocessing"]) >= {"height", "width", "mean", "std", "scale", "resize"}
     assert metadata["training"]["config"]["arch"] == "convnet"
-    assert metadata["training"]["wall_time_s"] > 0 and metadata["training"]["versions"]["torch"]
+    assert 0 <= metadata["training"]["wall_time_s"] <= metadata["training"]["total_wall_time_s"]
+    assert metadata["training"]["versions"]["torch"] and metadata["training"]["hardware"]["cpu_count"]
     assert metadata["data"]["extra_counts"] == {"horse": 6, "frog": 6}
     assert metadata["data"]["validation_counts"] == {label: 3 for label in LABELS}
     assert set(metadata["metrics"]["validation"]["per_class"]) == set(LABELS)

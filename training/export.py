@@ -156,6 +156,7 @@ def staging_folder(store: Path, name: str) -> Path:
 def publish(staging: Path, store: Path, name: str, version: int) -> Path:
     """Rename the staged folder to ``<store>/<name>/<version>``; refuses to overwrite an existing version."""
     target = store / name / str(version)
+    staging.chmod(0o755)  # mkdtemp makes it private; a model store is read by other users (the container's)
     try:
         os.rename(staging, target)  # atomic; fails when the target exists and is not empty
     except OSError as exc:

@@ -12,6 +12,14 @@ from torch import nn
 Stage = tuple[str, str, torch.Tensor]
 
 
+class Stages(list):
+    """The ordered (name, kind, tensor) record of one forward pass."""
+
+    def add(self, name: str, kind: str, value: torch.Tensor) -> torch.Tensor:
+        self.append((name, kind, value))
+        return value
+
+
 class LeNet(nn.Module):
     """The classic layout: conv 6@5x5 → ReLU → pool → conv 16@5x5 → ReLU → pool → FC 120 → FC 100 → FC classes."""
 
@@ -28,12 +36,8 @@ class LeNet(nn.Module):
         self.pool = nn.MaxPool2d(2)
 
     def forward_stages(self, x: torch.Tensor) -> list[Stage]:
-        stages: list[Stage] = []
-
-        def add(name: str, kind: str, value: torch.Tensor) -> torch.Tensor:
-            stages.append((name, kind, value))
-            return value
-
+        stages = Stages()
+        add = stages.add
         x = add("conv1", "conv", self.conv1(x))
         x = add("relu1", "relu", self.relu(x))
         x = add("pool1", "pool", self.pool(x))
@@ -65,7 +69,8 @@ class ConvBN(nn.Module):
 
 class ConvNet(nn.Module):
     """The accurate default: a stem and three blocks of (conv → pool → ReLU → conv → ReLU), global average pooling
-    and one linear layer. The linear head on pooled maps is what makes class activation maps possible.
+    and one linear layer. Each conv includes its batch norm (folded into it in the exported graph). The linear head
+    on pooled maps is what makes class activation maps possible.
 
     Widths are (w/2, w, 2w, 4w); each block halves the resolution: 32 → 16 → 8 → 4.
     """
@@ -85,12 +90,8 @@ class ConvNet(nn.Module):
         self.head = nn.Linear(widths[-1], num_classes, bias=True)
 
     def forward_stages(self, x: torch.Tensor) -> list[Stage]:
-        stages: list[Stage] = []
-
-        def add(name: str, kind: str, value: torch.Tensor) -> torch.Tensor:
-            stages.append((name, kind, value))
-            return value
-
+        stages = Stages()
+        add = stages.add
         x = add("stem_conv", "conv", self.stem(x))
         x = add("stem_relu", "relu", self.relu(x))
         for number, (first, second) in enumerate(self.blocks, start=1):

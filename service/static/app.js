@@ -6,8 +6,7 @@ const SERVER_TYPES = new Set(["image/jpeg", "image/jpg", "image/png", "image/web
   "image/gif", "image/tiff"]);
 const MAP_TARGET_WIDTH = 256; // feature-map grids are drawn at an integer zoom close to this width (CSS px)
 
-const KIND_NAMES = { input: "input", conv: "conv", norm: "batch norm", relu: "ReLU", pool: "pool", fc: "FC",
-  softmax: "softmax" };
+const KIND_NAMES = { input: "input", conv: "conv", relu: "ReLU", pool: "pool", fc: "FC", softmax: "softmax" };
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -485,16 +484,10 @@ function explain(stage, previous, index, stages, model) {
         "this is all the network ever gets.";
     case "conv": {
       const inputs = previous ? previous.shape[0] : 3;
-      if (stage.name === "whiten") {
-        return `Whitening convolution: ${stage.shape[0]} fixed 2×2 filters, computed from the training images, ` +
-          "that remove the correlation between neighbouring pixels and colours so later layers learn faster.";
-      }
+
       return `Convolution: each of the ${stage.shape[0]} output maps slides one small learned filter over all ` +
         `${inputs} input maps; it lights up where that filter's pattern appears.`;
     }
-    case "norm":
-      return "Batch norm: each channel is shifted and scaled by statistics learned in training, so the next " +
-        "layer sees values of a steady size whatever the image's brightness or contrast.";
     case "relu":
       return dims === 3
         ? "ReLU: negative values become 0 (black here), positive ones pass unchanged: only detected features go on."
