@@ -66,8 +66,8 @@ def parse_wrk(output: str) -> dict:
 
 
 def run_wrk(url: str, body_path: Path, content_type: str, connections: int, seconds: float, script: Path) -> dict:
-    command = ["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--latency",
-               "-s", str(script), url]
+    command = ["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
+               "--latency", "-s", str(script), url]
     env = dict(os.environ, BENCH_BODY=str(body_path), BENCH_TYPE=content_type)
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     return parse_wrk(output)
