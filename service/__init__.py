@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     app.json.sort_keys = False
     registry = registry or ModelRegistry(settings)
-    app.extensions["convserve"] = AppState(settings, registry, Runtime(registry, settings))
+    app.extensions["convserve"] = AppState(settings, registry, Runtime(settings))
     register_api(app, settings)
     if load_models:
         registry.start_loading()

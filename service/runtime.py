@@ -13,18 +13,15 @@ from service import metrics, visualize
 from service.errors import InvalidImage, InvalidParameter, ServiceError, TooManyImages
 from service.model import OnnxModel
 from service.preprocessing import decode, normalize
-from service.registry import ModelRegistry
 from service.settings import Settings
 
 
 class Runtime:
-    def __init__(self, registry: ModelRegistry, settings: Settings):
-        self.registry = registry
+    def __init__(self, settings: Settings):
         self.settings = settings
 
     # classify -------------------------------------------------------------------------------------------------
-    def classify(self, name: str | None, version: str | None, images: list[bytes], top_k: int | None) -> dict:
-        model = self.registry.get(name, version)
+    def classify(self, model: OnnxModel, images: list[bytes], top_k: int | None) -> dict:
         probabilities = self.predict(model, self.preprocess(model, images))
         return {"model": model.name, "version": model.version,
                 "predictions": [prediction(model.labels, row, top_k) for row in probabilities]}
@@ -55,17 +52,16 @@ class Runtime:
             raise
 
     # inspect --------------------------------------------------------------------------------------------------
-    def inspect(self, name: str | None, version: str | None, image: bytes, class_label: str | None) -> dict:
-        model = self.registry.get(name, version)
+    def inspect(self, model: OnnxModel, image: bytes, class_label: str | None) -> dict:
+        if class_label is not None and class_label not in model.labels:
+            raise InvalidParameter(f"class={class_label!r} is not a label of {model.name}; "
+                                   f"use one of {', '.join(model.labels)}.")
         batch = self.preprocess(model, [image])
         outputs = model.inspect(batch)
         probabilities = outputs["probabilities"][0]
         metrics.BATCH_SIZE.labels(model.name, model.version).observe(1)
         top = int(probabilities.argmax())
         metrics.PREDICTIONS.labels(model.name, model.version, model.labels[top]).inc()
-        if class_label is not None and class_label not in model.labels:
-            raise InvalidParameter(f"class={class_label!r} is not a label of {model.name}; "
-                                   f"use one of {', '.join(model.labels)}.")
         picture = visualize.input_image(batch[0], model.spec)
         stages = []
         for stage in model.metadata["inspection"]["stages"]:
@@ -90,8 +86,7 @@ class Runtime:
                                **visualize.cam_overlay(outputs["class_maps"][0, chosen], picture)}
         return response
 
-    def filters(self, name: str | None, version: str | None) -> dict:
-        model = self.registry.get(name, version)
+    def filters(self, model: OnnxModel) -> dict:
         weights = model.first_conv_filters()
         return {"model": model.name, "version": model.version,
                 "stage": model.metadata["inspection"].get("first_conv"), "shape": list(weights.shape),

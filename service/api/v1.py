@@ -34,7 +34,7 @@ def classify(name: str | None = None, version: str | None = None):
     images = images_from_request(request, app.settings.MAX_BATCH_IMAGES)
     if top_k is not None:
         top_k = min(top_k, len(model.labels))
-    return jsonify(app.runtime.classify(model.name, model.version, images, top_k))
+    return jsonify(app.runtime.classify(model, images, top_k))
 
 
 @blueprint.post("/inspect")
@@ -46,13 +46,14 @@ def inspect(name: str | None = None, version: str | None = None):
     images = images_from_request(request, app.settings.MAX_BATCH_IMAGES)
     if len(images) != 1:
         raise InvalidParameter(f"inspect takes exactly one image; got {len(images)}.")
-    return jsonify(app.runtime.inspect(model.name, model.version, images[0], request.args.get("class")))
+    return jsonify(app.runtime.inspect(model, images[0], request.args.get("class")))
 
 
 @blueprint.get("/models/<name>/filters")
 @blueprint.get("/models/<name>/versions/<version>/filters")
 def filters(name: str, version: str | None = None):
-    return jsonify(state().runtime.filters(name, version))
+    app = state()
+    return jsonify(app.runtime.filters(app.registry.get(name, version)))
 
 
 @blueprint.get("/models")
