@@ -71,6 +71,7 @@ class GunicornServer:
         self.log_path = Path(tmp_path) / f"gunicorn-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PORT", "WORKERS", "PROMETHEUS"))}
         self.metrics_dir = Path(tmp_path) / f"metrics-{self.port}"
+        self.workers = int(settings.get("WORKERS", 2))
         env.update(PORT=str(self.port), HOST="127.0.0.1", LOG_LEVEL="INFO",
                    PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
         env.update({key: str(value) for key, value in settings.items()})
@@ -81,10 +82,26 @@ class GunicornServer:
                                         cwd=Path(__file__).resolve().parent.parent)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until every worker is ready, not just the first to answer /readyz: a sibling still loading its models
+        would otherwise hold the aggregated ``convserve_ready`` gauge at 0 and take no share of the requests."""
+        deadline = time.monotonic() + timeout
         try:
             wait_for(self.url + "/readyz", 200, timeout, self.process)
+            while not self.all_workers_ready():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not every worker was ready within {timeout} s")
+                time.sleep(0.1)
         except Exception as exc:
             raise AssertionError(f"{exc}\n--- gunicorn log ---\n{self.log()}") from exc
+
+    def all_workers_ready(self) -> bool:
+        """Each live worker has written its readiness gauge, and their minimum (what /metrics reports) is 1."""
+        workers = self.worker_pids()
+        gauges = {int(name.stem.rsplit("_", 1)[1]) for name in self.metrics_dir.glob("gauge_livemin_*.db")}
+        if len(workers) != self.workers or not workers <= gauges:
+            return False
+        metrics = requests.get(self.url + "/metrics", timeout=5).text
+        return "\nconvserve_ready 1.0\n" in "\n" + metrics
 
     def worker_pids(self) -> set[int]:
         from pathlib import Path

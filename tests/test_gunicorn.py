@@ -111,10 +111,7 @@ def test_a_dead_worker_is_replaced_and_its_counts_kept(server):
     while time.monotonic() < deadline and (len(server.worker_pids()) < 2 or victim in server.worker_pids()):
         time.sleep(0.2)
     assert victim not in server.worker_pids() and len(server.worker_pids()) == 2
-    for _ in range(50):
-        if requests.get(f"{server.url}/readyz", timeout=5).status_code == 200:
-            break
-        time.sleep(0.1)
+    server.wait_ready()  # the replacement has loaded its models
     text = requests.get(f"{server.url}/metrics", timeout=5).text
     assert metric_value(text, "convserve_requests_total") >= before  # counters of the dead worker survive
     assert metric_value(text, "convserve_requests_in_flight") == 0  # live workers only
