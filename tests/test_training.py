@@ -219,7 +219,8 @@ def tiny_run(tmp_path_factory):
     extra = write_tree(root / "extra", labels=["horse", "frog"], per_label=6)
     store = root / "store"
     code = main(["train", "--data", str(tree), "--extra-data", str(extra), "--store", str(store), "--preset", "smoke",
-                 "--arch", "convnet", "--width", "8", "--val-fraction", "0.25", "--no-progress", "--extra-classes"])
+                 "--arch", "convnet", "--width", "8", "--val-fraction", "0.25", "--no-progress", "--extra-classes",
+                 "--epochs", "2", "--focus-epochs", "1", "--batch-size", "12"])
     assert code == 0
     return store, tree
 
@@ -244,6 +245,10 @@ def test_tiny_run_writes_a_complete_version(tiny_run):
     assert set(metadata["metrics"]["validation"]["per_class"]) == set(LABELS)
     assert all(check["max_abs_diff"] <= 1e-4 for check in metadata["parity"].values())
     assert metadata["inspection"]["class_maps"] == "class_maps"
+    # 36 product + 12 extra training images in batches of 12: 4 steps on all, then 3 on the product labels only.
+    assert metadata["training"]["steps"] == 4 + 3
+    history = json.loads((folder / "metrics.json").read_text())["history"]
+    assert [row["focus"] for row in history] == [False, True]
 
 
 def test_tiny_run_is_loadable_by_the_service(tiny_run):
@@ -309,6 +314,18 @@ def test_check_parity_tolerance(tmp_path):
         check_parity(tmp_path / "model.onnx", reference, inputs)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "2", "--focus-epochs", "3"], "--focus-epochs must be between 0 and --epochs"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+    (["--arch", "resnet"], "--arch must be 'convnet' or 'lenet'"),
+    (["--val-fraction", "0"], "--val-fraction must be between 0 and 1"),
+])
+def test_cli_refuses_bad_hyperparameters_before_reading_data(tmp_path, capsys, flags, message):
+    assert main(["train", "--data", str(tmp_path / "never-read"), "--store", str(tmp_path / "s"), *flags]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Data root" not in error
+
+
 def test_help_explains_the_command_line():
     result = subprocess.run([sys.executable, "-m", "training", "train", "--help"], capture_output=True, text=True,
                             check=True)
@@ -316,6 +333,7 @@ def test_help_explains_the_command_line():
         assert expected in result.stdout
     top = subprocess.run([sys.executable, "-m", "training", "--help"], capture_output=True, text=True, check=True)
     assert "cifar-10-batches-py" in top.stdout and "evaluate" in top.stdout
+    assert "(default: None)" not in result.stdout  # each flag shows its real default once
 
 
 def test_evaluate_command_measures_a_stored_model(tiny_run, capsys):

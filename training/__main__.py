@@ -50,14 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
-    train_parser = commands.add_parser("train", help="train, evaluate, export and publish a model",
-                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train_parser = commands.add_parser("train", help="train, evaluate, export and publish a model")
     train_parser.add_argument("--data", required=True, type=Path, help="labelled images (folder tree or CIFAR batches)")
     train_parser.add_argument("--extra-data", type=Path, help="images of other classes, learned as auxiliary outputs")
-    train_parser.add_argument("--store", type=Path, default=Path("model_store"), help="model store to publish into")
+    train_parser.add_argument("--store", type=Path, default=Path("model_store"), help="model store to publish into (default: model_store)")
     train_parser.add_argument("--name", help="model name in the store (default: the architecture's name)")
     train_parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                              help="a named set of hyperparameters; flags below override it")
+                              help="a named set of hyperparameters; flags below override it (default: default)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     hyper = train_parser.add_argument_group("hyperparameters (defaults before the preset is applied)")
     for name, (kind, description, default) in field_help().items():

@@ -32,12 +32,35 @@ class TrainConfig:
     # Data.
     val_fraction: Annotated[float, "share of each label held out for validation (stratified)"] = 0.1
     extra_classes: Annotated[bool, "train on --extra-data's classes too (as extra outputs dropped at export)"] = True
+    focus_epochs: Annotated[int, "of --epochs, the last ones train on the product labels only (with extra classes)"] = 0
     # Export.
     tta_flip: Annotated[bool, "average logits with the mirrored image in the exported graph (2x latency)"] = True
     # Run.
     seed: Annotated[int, "seeds the split, initialisation, shuffling and augmentation"] = 0
     bf16: Annotated[bool, "bfloat16 autocast where the processor supports it (CUDA or AVX512-BF16 CPUs)"] = True
     threads: Annotated[int, "CPU threads for torch; 0 = all cores"] = 0
+
+    def __post_init__(self) -> None:
+        """Refuse nonsense before minutes of data loading; each message names the flag."""
+        checks = [
+            (self.arch in ("convnet", "lenet"), f"--arch must be 'convnet' or 'lenet', not {self.arch!r}"),
+            (self.width >= 4, "--width must be at least 4"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+            (self.translate >= 0 and self.cutout >= 0, "--translate and --cutout must not be negative"),
+            (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+            (0 <= self.focus_epochs <= self.epochs, "--focus-epochs must be between 0 and --epochs"),
+            (self.threads >= 0, "--threads must not be negative"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -99,9 +99,12 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     acc_ax.plot(epochs, [r["val_accuracy"] for r in history], label="validation")
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("accuracy")
-    acc_ax.legend()
+    focus_start = next((row["epoch"] for row in history if row.get("focus")), None)
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
+        if focus_start is not None:
+            ax.axvline(focus_start - 0.5, color="grey", linestyle=":", label="product labels only from here")
+    acc_ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)

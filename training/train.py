@@ -126,8 +126,14 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
     y_train = torch.from_numpy(train.labels).to(device)
     x_val = torch.from_numpy(val_inputs)
     y_val = torch.from_numpy(val.labels)
+    # Auxiliary classes teach general features first; the last focus_epochs see only the product labels, scored
+    # over their own logits as the exported model will be, so the end of the schedule sharpens e.g. cat vs dog.
+    everything = torch.arange(len(x_train), device=device)
+    product_only = everything[y_train < product_classes]
+    first_focus_epoch = config.epochs - config.focus_epochs + 1 if config.focus_epochs else config.epochs + 1
+    pools = [product_only if epoch >= first_focus_epoch else everything for epoch in range(1, config.epochs + 1)]
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = sum(math.ceil(len(pool) / config.batch_size) for pool in pools)
     warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
@@ -135,12 +141,13 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
     history = History()
     started = time.perf_counter()
     bar = tqdm(total=total_steps, unit="step", disable=not progress, dynamic_ncols=True)
-    for epoch in range(1, config.epochs + 1):
+    for epoch, pool in enumerate(pools, start=1):
         model.train()
-        order = torch.randperm(len(x_train), device=device, generator=generator)
+        focused = epoch >= first_focus_epoch
+        order = pool[torch.randperm(len(pool), device=device, generator=generator)]
         loss_sum, correct, seen = 0.0, 0, 0
-        bar.set_description(f"epoch {epoch}/{config.epochs}")
-        for step in range(steps_per_epoch):
+        bar.set_description(f"epoch {epoch}/{config.epochs}{' (focus)' if focused else ''}")
+        for step in range(math.ceil(len(pool) / config.batch_size)):
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
             inputs = augment(x_train[index], config, generator)
             targets = y_train[index]
@@ -148,6 +155,8 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(inputs)
+                if focused:
+                    logits = logits[:, :product_classes]
                 loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,7 +174,7 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
         val_logits = predict_logits(evaluated, x_val, device, channels_last=channels_last)[:, :product_classes]
         val_loss = F.cross_entropy(val_logits, y_val).item()
         val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
-        history.add(epoch=epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen, val_loss=val_loss,
+        history.add(epoch=epoch, focus=focused, train_loss=loss_sum / seen, train_accuracy=correct / seen, val_loss=val_loss,
                     val_accuracy=val_acc, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", val_acc=f"{val_acc:.4f}")
         bar.write(f"epoch {epoch:3d}  train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}  "
