@@ -180,7 +180,9 @@ def server(image, container, tmp_path_factory):
         while True:
             assert process.poll() is None, f"the container exited ({process.returncode}):\n{running.log()[-4000:]}"
             try:
-                if requests.get(f"{running.url}/readyz", timeout=2).status_code == 200:
+                # /readyz answers from the first worker ready; the gauge is the minimum over all live workers.
+                if requests.get(f"{running.url}/readyz", timeout=2).status_code == 200 and \
+                        scrape(running).get(("convserve_ready", ())) == 1.0:
                     break
             except requests.ConnectionError:
                 pass
