@@ -17,7 +17,7 @@ class TrainConfig:
     width: Annotated[int, "convnet: channels of the first block; later blocks use 2x and 4x"] = 64
     # Optimisation: SGD with Nesterov momentum; the learning rate warms up linearly from zero, then falls linearly
     # to zero.
-    epochs: Annotated[int, "passes over the training images"] = 40
+    epochs: Annotated[int, "passes over the training images"] = 70
     batch_size: Annotated[int, "images per optimisation step"] = 256
     lr: Annotated[float, "peak learning rate, reached at the end of warm-up"] = 0.2
     momentum: Annotated[float, "SGD Nesterov momentum"] = 0.9
@@ -32,7 +32,9 @@ class TrainConfig:
     # Data.
     val_fraction: Annotated[float, "share of each label held out for validation (stratified)"] = 0.1
     extra_classes: Annotated[bool, "train on --extra-data's classes too (as extra outputs dropped at export)"] = True
-    focus_epochs: Annotated[int, "of --epochs, the last ones train on the product labels only (with extra classes)"] = 0
+    # Extra classes teach general features; then the last focus_epochs train on the four labels alone (scored over
+    # their four logits, as exported). Measured at width 32: 87.2 % vs 85.4 % for all-classes-throughout, same compute.
+    focus_epochs: Annotated[int, "of --epochs, the last ones train on the product labels only (with extra classes)"] = 35
     # Export.
     tta_flip: Annotated[bool, "average logits with the mirrored image in the exported graph (2x latency)"] = True
     # Run.
@@ -73,15 +75,15 @@ PRESETS: dict[str, dict] = {
     # The shipped default model: >= 92 % validation accuracy in under an hour on a 2-core CPU.
     "default": {},
     # Quick iteration: >= 85 % in under 5 minutes on a 2-core CPU (the four labels only, a narrower net).
-    "fast": {"width": 32, "epochs": 20, "extra_classes": False, "ema_decay": 0.99},
+    "fast": {"width": 32, "epochs": 20, "extra_classes": False, "focus_epochs": 0, "ema_decay": 0.99},
     # The classic LeNet layout, as drawn in the textbooks (no batch norm, no cutout).
     "lenet": {
         "arch": "lenet", "epochs": 30, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "label_smoothing": 0.0,
-        "cutout": 0, "translate": 2, "ema_decay": 0.0, "extra_classes": False, "bf16": False,
+        "cutout": 0, "translate": 2, "ema_decay": 0.0, "extra_classes": False, "focus_epochs": 0, "bf16": False,
     },
     # A seconds-long run for tests and smoke checks.
     "smoke": {"arch": "lenet", "epochs": 1, "batch_size": 32, "lr": 0.01, "ema_decay": 0.0, "bf16": False,
-              "extra_classes": False},
+              "extra_classes": False, "focus_epochs": 0},
 }
 
 
