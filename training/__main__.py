@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     train_parser = commands.add_parser("train", help="train, evaluate, export and publish a model")
     train_parser.add_argument("--data", required=True, type=Path, help="labelled images (folder tree or CIFAR batches)")
     train_parser.add_argument("--extra-data", type=Path, help="images of other classes, learned as auxiliary outputs")
-    train_parser.add_argument("--store", type=Path, default=Path("model_store"), help="model store to publish into (default: model_store)")
+    train_parser.add_argument("--store", type=Path, default=Path("model_store"),
+                              help="model store to publish into (default: model_store)")
     train_parser.add_argument("--name", help="model name in the store (default: the architecture's name)")
     train_parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                               help="a named set of hyperparameters; flags below override it (default: default)")

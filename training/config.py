@@ -33,8 +33,8 @@ class TrainConfig:
     val_fraction: Annotated[float, "share of each label held out for validation (stratified)"] = 0.1
     extra_classes: Annotated[bool, "train on --extra-data's classes too (as extra outputs dropped at export)"] = True
     # Extra classes teach general features; then the last focus_epochs train on the four labels alone (scored over
-    # their four logits, as exported). Measured at width 32: 87.2 % vs 85.4 % for all-classes-throughout, same compute.
-    focus_epochs: Annotated[int, "of --epochs, the last ones train on the product labels only (with extra classes)"] = 35
+    # their four logits, as exported). At width 32 and equal compute: 87.5 % vs 86.4 % for all classes throughout.
+    focus_epochs: Annotated[int, "of --epochs, the last ones train on the product labels only (with extra data)"] = 35
     # Export.
     tta_flip: Annotated[bool, "average logits with the mirrored image in the exported graph (2x latency)"] = True
     # Run.

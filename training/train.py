@@ -126,11 +126,10 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
     y_train = torch.from_numpy(train.labels).to(device)
     x_val = torch.from_numpy(val_inputs)
     y_val = torch.from_numpy(val.labels)
-    # Auxiliary classes teach general features first; the last focus_epochs see only the product labels, scored
-    # over their own logits as the exported model will be, so the end of the schedule sharpens e.g. cat vs dog.
+    # The last focus_epochs see only the product labels (see TrainConfig.focus_epochs).
     everything = torch.arange(len(x_train), device=device)
     product_only = everything[y_train < product_classes]
-    first_focus_epoch = config.epochs - config.focus_epochs + 1 if config.focus_epochs else config.epochs + 1
+    first_focus_epoch = config.epochs - config.focus_epochs + 1
     pools = [product_only if epoch >= first_focus_epoch else everything for epoch in range(1, config.epochs + 1)]
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     total_steps = sum(math.ceil(len(pool) / config.batch_size) for pool in pools)
@@ -174,8 +173,9 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
         val_logits = predict_logits(evaluated, x_val, device, channels_last=channels_last)[:, :product_classes]
         val_loss = F.cross_entropy(val_logits, y_val).item()
         val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
-        history.add(epoch=epoch, focus=focused, train_loss=loss_sum / seen, train_accuracy=correct / seen, val_loss=val_loss,
-                    val_accuracy=val_acc, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started)
+        history.add(epoch=epoch, focus=focused, train_loss=loss_sum / seen, train_accuracy=correct / seen,
+                    val_loss=val_loss, val_accuracy=val_acc, lr=scheduler.get_last_lr()[0],
+                    seconds=time.perf_counter() - started)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", val_acc=f"{val_acc:.4f}")
         bar.write(f"epoch {epoch:3d}  train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}  "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f}  ({time.perf_counter() - started:.0f} s)")

@@ -484,7 +484,6 @@ function explain(stage, previous, index, stages, model) {
         "this is all the network ever gets.";
     case "conv": {
       const inputs = previous ? previous.shape[0] : 3;
-
       return `Convolution: each of the ${stage.shape[0]} output maps slides one small learned filter over all ` +
         `${inputs} input maps; it lights up where that filter's pattern appears.`;
     }
