@@ -134,6 +134,12 @@ def test_models_list(client):
         assert version["state"] == "ready"
         assert version["sha256"] == metadata["sha256"]
         assert version["metrics"]["validation_accuracy"] == metadata["metrics"]["validation"]["accuracy"]
+        stages = model["inspection"]["stages"]
+        assert [s["name"] for s in stages] == [s["name"] for s in metadata["inspection"]["stages"]]
+    inspection = {m["name"]: m["inspection"] for m in body["models"]}
+    # A global-pooling + linear head has class activation maps; LeNet's flatten + FC head has none.
+    assert inspection["convnet"]["class_activation_maps"] and not inspection["lenet"]["class_activation_maps"]
+    assert inspection["lenet"]["stages"][0] == {"name": "conv1", "kind": "conv", "shape": [6, 28, 28]}
 
 
 def test_model_and_version_metadata(client):

@@ -86,8 +86,16 @@ def describe(name: str) -> dict:
         latest = registry.latest(name)
         metadata = latest.metadata
         description.update(default_version=latest.version, labels=metadata["labels"], input=metadata["input"],
-                           outputs=metadata["outputs"], architecture=metadata.get("architecture"))
+                           outputs=metadata["outputs"], architecture=metadata.get("architecture"),
+                           inspection=describe_inspection(metadata))
     return description
+
+
+def describe_inspection(metadata: dict) -> dict:
+    """What /inspect will show for this model: its stages in order, and whether it has class activation maps."""
+    inspection = metadata.get("inspection") or {}
+    stages = [{key: stage[key] for key in ("name", "kind", "shape")} for stage in inspection.get("stages", [])]
+    return {"stages": stages, "class_activation_maps": inspection.get("class_maps") is not None}
 
 
 def describe_version(name: str, version: str) -> dict:
