@@ -50,6 +50,10 @@ class OnnxModel:
         return self.metadata["labels"]
 
     @property
+    def input_name(self) -> str:
+        return self.metadata["input"]["name"]
+
+    @property
     def input_shape(self) -> list[int]:
         return self.metadata["input"]["shape"]
 
@@ -74,7 +78,7 @@ class OnnxModel:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) → probabilities (N, labels)."""
-        return self.session.run(["probabilities"], {"input": batch})[0]
+        return self.session.run(["probabilities"], {self.input_name: batch})[0]
 
     def check_tensor(self, batch: np.ndarray) -> None:
         expected = self.input_shape[1:]

@@ -123,6 +123,13 @@ def test_binary_bytes_input(client):
     assert response.status_code == 200 and response.get_json()["outputs"][0]["shape"] == [2, 4]
 
 
+def one_tensor(name: str | None, datatype: str, shape, data) -> bytes:
+    tensor = {"datatype": datatype, "shape": shape, "data": data}
+    if name is not None:
+        tensor["name"] = name
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
 @pytest.mark.parametrize(
     ("request_body", "status", "fragment"),
     [
@@ -130,32 +137,19 @@ def test_binary_bytes_input(client):
         (b"{bad", 400, "not valid JSON"),
         (b"[]", 400, "JSON object"),
         (json.dumps({"inputs": []}).encode(), 400, "exactly one tensor"),
-        (json.dumps({"inputs": [{"datatype": "INT8", "shape": [1], "data": [1]}]}).encode(), 400, "INT8"),
-        (
-            json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 5}]}).encode(),
-            400,
-            "needs 3072",
-        ),
-        (
-            json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 8, 8], "data": [0.0] * 192}]}).encode(),
-            400,
-            "shape [N, 3, 32, 32]",
-        ),
-        (json.dumps({"inputs": [{"datatype": "FP32", "shape": "big", "data": []}]}).encode(), 400, "shape must be"),
-        (
-            json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, 3, 32, 32], "data": ["x"] * 3072}]}).encode(),
-            400,
-            "not a list of numbers",
-        ),
-        (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}).encode(), 400, "base64"),
-        (
-            json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}]}).encode(),
-            400,
-            "not a readable image",
-        ),
-        (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [2, 2], "data": []}]}).encode(), 400, "shape [N]"),
-        (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": []}]}).encode(), 400, "holds 0"),
-        (json.dumps({"inputs": [{"datatype": "BYTES", "shape": [500], "data": []}]}).encode(), 413, "limit is 64"),
+        (one_tensor("x", "FP32", [1], [1]), 400, "'x' is not one of model 'lenet'"),
+        (one_tensor(None, "FP32", [1], [1]), 400, "None is not one of model 'lenet'"),
+        (one_tensor("input", "BYTES", [1], []), 400, "or BYTES 'image' [N]"),
+        (one_tensor("input", "INT8", [1], [1]), 400, "INT8"),
+        (one_tensor("input", "FP32", [1, 3, 32, 32], [0.0] * 5), 400, "needs 3072"),
+        (one_tensor("input", "FP32", [1, 3, 8, 8], [0.0] * 192), 400, "shape [N, 3, 32, 32]"),
+        (one_tensor("input", "FP32", "big", []), 400, "shape must be"),
+        (one_tensor("input", "FP32", [1, 3, 32, 32], ["x"] * 3072), 400, "not a list of numbers"),
+        (one_tensor("image", "BYTES", [1], ["%%%"]), 400, "base64"),
+        (one_tensor("image", "BYTES", [1], ["aGVsbG8="]), 400, "not a readable image"),
+        (one_tensor("image", "BYTES", [2, 2], []), 400, "shape [N]"),
+        (one_tensor("image", "BYTES", [1], []), 400, "holds 0"),
+        (one_tensor("image", "BYTES", [500], []), 413, "limit is 64"),
     ],
 )
 def test_bad_requests_get_v2_error_bodies(client, request_body, status, fragment):
@@ -186,10 +180,10 @@ def test_unknown_model_and_output(client, lenet_input):
 @pytest.mark.parametrize(
     "tensor",
     [
-        {"datatype": "FP32", "shape": [], "data": []},
-        {"datatype": "FP32", "shape": [0, 3, 32, 32], "data": []},
-        {"datatype": "FP32", "shape": [True, 3, 32, 32], "data": [0.0] * 3072},
-        {"datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072, "parameters": "x"},
+        {"name": "input", "datatype": "FP32", "shape": [], "data": []},
+        {"name": "input", "datatype": "FP32", "shape": [0, 3, 32, 32], "data": []},
+        {"name": "input", "datatype": "FP32", "shape": [True, 3, 32, 32], "data": [0.0] * 3072},
+        {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072, "parameters": "x"},
     ],
 )
 def test_malformed_tensors_are_400_not_500(client, tensor):

@@ -21,6 +21,7 @@ from service.inputs import decode_base64
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES = {"FP32": np.float32, "BYTES": object}
+ENCODED_INPUT = "image"  # the BYTES input: not in the ONNX graph, so its name is the service's own
 
 
 @blueprint.get("")
@@ -48,9 +49,9 @@ def model_metadata(name: str, version: str | None = None):
         name=model.name,
         versions=[v for v in registry.versions(model.name) if v in registry.models.get(model.name, {})],
         platform="onnxruntime_onnx",
-        inputs=[{"name": "input", "datatype": "FP32", "shape": model.input_shape}],
+        inputs=[{"name": model.input_name, "datatype": "FP32", "shape": model.input_shape}],
         outputs=[{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(model.labels)]}],
-        parameters={"labels": model.labels, "alternative_input": {"name": "image", "datatype": "BYTES",
+        parameters={"labels": model.labels, "alternative_input": {"name": ENCODED_INPUT, "datatype": "BYTES",
                                                                   "shape": [-1]}},
     )
 
@@ -79,6 +80,10 @@ def infer(name: str, version: str | None = None):
     if datatype not in DATATYPES:
         raise InvalidTensor(f"Input datatype {datatype!r} is not supported; use FP32 (preprocessed) or BYTES "
                             "(encoded images).")
+    expected_name = model.input_name if datatype == "FP32" else ENCODED_INPUT
+    if tensor.get("name") != expected_name:
+        raise InvalidTensor(f"Input {tensor.get('name')!r} is not one of model {model.name!r}'s inputs: send FP32 "
+                            f"{model.input_name!r} {model.input_shape} or BYTES {ENCODED_INPUT!r} [N].")
     shape = tensor.get("shape")
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
