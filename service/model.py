@@ -94,7 +94,7 @@ class OnnxModel:
                 _verify(inspect_file, self.metadata["inspect_sha256"])
                 self._inspect_session = self._open(inspect_file)
         names = [output.name for output in self._inspect_session.get_outputs()]
-        return dict(zip(names, self._inspect_session.run(names, {"input": batch})))
+        return dict(zip(names, self._inspect_session.run(names, {self.input_name: batch})))
 
     def first_conv_filters(self) -> np.ndarray:
         """The first convolution's weights (out, in, kh, kw), read from the exported graph."""
