@@ -23,7 +23,7 @@ from training.__main__ import main
 from training.config import PRESETS, TrainConfig, field_help
 from training.export import ParityError, check_parity, write_graphs
 from training.models import LeNet, build, keep_first_classes
-from training.train import augment
+from training.train import augment, cutmix
 
 LABELS = ["dog", "cat", "boat", "bird"]
 
@@ -198,6 +198,28 @@ def test_augment_keeps_shapes_and_is_seeded():
     assert (first == 0).flatten(1).sum(1).min() > 0  # every image has a cutout square
 
 
+def test_cutmix_pastes_one_box_from_a_partner_and_weighs_targets_by_area():
+    x = torch.arange(8 * 3 * 32 * 32, dtype=torch.float32).reshape(8, 3, 32, 32)  # every pixel distinct
+    targets = torch.arange(8)
+    generator = torch.Generator().manual_seed(0)
+    mixed_batches = 0
+    for _ in range(20):
+        mixed, pasted_targets, kept = cutmix(x, targets, 1.0, generator)
+        assert mixed.shape == x.shape and 0.0 <= kept <= 1.0
+        # Each image is its own outside one shared box, and its partner's inside it.
+        changed = (mixed != x).any(1)
+        for image in range(8):
+            partner = int(pasted_targets[image])
+            inside = (mixed[image] == x[partner]).all(0)
+            assert bool((inside | ~changed[image]).all())
+            if partner != image:
+                assert abs(float(inside.float().mean()) - (1.0 - kept)) < 1e-6
+        mixed_batches += kept < 1.0
+    assert mixed_batches >= 15  # probability 1: only an empty box leaves a batch whole
+    unmixed, same_targets, kept = cutmix(x, targets, 0.0, generator)
+    assert unmixed is x and same_targets is targets and kept == 1.0
+
+
 def test_every_hyperparameter_is_described_and_presets_are_valid():
     described = field_help()
     assert all(description for _, description, _ in described.values())
@@ -220,7 +242,7 @@ def tiny_run(tmp_path_factory):
     store = root / "store"
     code = main(["train", "--data", str(tree), "--extra-data", str(extra), "--store", str(store), "--preset", "smoke",
                  "--arch", "convnet", "--width", "8", "--val-fraction", "0.25", "--no-progress", "--extra-classes",
-                 "--epochs", "2", "--focus-epochs", "1", "--batch-size", "12"])
+                 "--epochs", "2", "--focus-epochs", "1", "--cutmix", "1", "--batch-size", "12"])
     assert code == 0
     return store, tree
 
@@ -249,6 +271,7 @@ def test_tiny_run_writes_a_complete_version(tiny_run):
     assert metadata["training"]["steps"] == 4 + 3
     history = json.loads((folder / "metrics.json").read_text())["history"]
     assert [row["focus"] for row in history] == [False, True]
+    assert metadata["training"]["config"]["cutmix"] == 1.0
 
 
 def test_tiny_run_is_loadable_by_the_service(tiny_run):
@@ -317,6 +340,7 @@ def test_check_parity_tolerance(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "2", "--focus-epochs", "3"], "--focus-epochs must be between 0 and --epochs"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+    (["--cutmix", "2"], "--cutmix must be between 0 and 1"),
     (["--arch", "resnet"], "--arch must be 'convnet' or 'lenet'"),
     (["--val-fraction", "0"], "--val-fraction must be between 0 and 1"),
 ])

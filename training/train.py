@@ -78,6 +78,28 @@ def augment(x: torch.Tensor, config: TrainConfig, generator: torch.Generator) ->
     return x
 
 
+def cutmix(x: torch.Tensor, targets: torch.Tensor, probability: float,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """With ``probability``, paste a random box from a shuffled copy of the batch into every image (CutMix).
+
+    Returns the images, the pasted images' targets and the share of each image that stayed its own; the loss weighs
+    the two targets by area. Unmixed batches come back as they were, with a share of 1.
+    """
+    device = x.device
+    if probability <= 0 or float(torch.rand((), device=device, generator=generator)) >= probability:
+        return x, targets, 1.0
+    n, _, height, width = x.shape
+    # Box area ~ uniform(0, 1) of the image: Beta(1, 1), drawn with the run's generator so runs repeat.
+    area = float(torch.rand((), device=device, generator=generator))
+    box_h, box_w = round(height * math.sqrt(area)), round(width * math.sqrt(area))
+    top = int(torch.randint(0, height - box_h + 1, (), device=device, generator=generator))
+    left = int(torch.randint(0, width - box_w + 1, (), device=device, generator=generator))
+    partner = torch.randperm(n, device=device, generator=generator)
+    mixed = x.clone()
+    mixed[:, :, top:top + box_h, left:left + box_w] = x[partner, :, top:top + box_h, left:left + box_w]
+    return mixed, targets[partner], 1.0 - box_h * box_w / (height * width)
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decayed = [p for p in model.parameters() if p.ndim > 1]
     not_decayed = [p for p in model.parameters() if p.ndim <= 1]
@@ -150,13 +172,18 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
             inputs = augment(x_train[index], config, generator)
             targets = y_train[index]
+            mixing = config.cutmix if focused or not config.focus_epochs else 0.0
+            inputs, pasted_targets, kept = cutmix(inputs, targets, mixing, generator)
             if channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(inputs)
                 if focused:
                     logits = logits[:, :product_classes]
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+                loss = kept * F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+                if kept < 1.0:
+                    loss = loss + (1.0 - kept) * F.cross_entropy(
+                        logits.float(), pasted_targets, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
