@@ -165,6 +165,7 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
     for epoch, pool in enumerate(pools, start=1):
         model.train()
         focused = epoch >= first_focus_epoch
+        mixing = config.cutmix if focused or not config.focus_epochs else 0.0
         order = pool[torch.randperm(len(pool), device=device, generator=generator)]
         loss_sum, correct, seen = 0.0, 0, 0
         bar.set_description(f"epoch {epoch}/{config.epochs}{' (focus)' if focused else ''}")
@@ -172,7 +173,6 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
             inputs = augment(x_train[index], config, generator)
             targets = y_train[index]
-            mixing = config.cutmix if focused or not config.focus_epochs else 0.0
             inputs, pasted_targets, kept = cutmix(inputs, targets, mixing, generator)
             if channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -180,10 +180,11 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
                 logits = model(inputs)
                 if focused:
                     logits = logits[:, :product_classes]
-                loss = kept * F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+                scores = logits.float()
+                loss = kept * F.cross_entropy(scores, targets, label_smoothing=config.label_smoothing)
                 if kept < 1.0:
-                    loss = loss + (1.0 - kept) * F.cross_entropy(
-                        logits.float(), pasted_targets, label_smoothing=config.label_smoothing)
+                    loss = loss + (1.0 - kept) * F.cross_entropy(scores, pasted_targets,
+                                                                 label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
