@@ -57,6 +57,9 @@ def test_inspect_returns_every_stage_and_the_same_softmax_as_classify(client, na
         [(s["name"], s["kind"], s["shape"]) for s in expected.metadata["inspection"]["stages"]]
     kinds = {s["kind"] for s in body["stages"]}
     assert {"conv", "relu", "pool", "fc", "softmax"} <= kinds
+    config = expected.metadata["training"]["config"]
+    residual = config["arch"] == "convnet" and bool(config.get("residual"))
+    assert ("add" in kinds) == residual, "a residual block shows as an 'add' stage"
     classify = client.post(f"/v1/models/{name}/classify", data=photo, content_type="image/jpeg").get_json()
     assert body["prediction"]["label"] == classify["predictions"][0]["label"]
     softmax = body["stages"][-1]

@@ -19,11 +19,12 @@ from service.registry import ModelRegistry
 from service.settings import Settings
 from tests.helpers import encode, pattern
 from training import data
+from training import train as training_loop
 from training.__main__ import main
 from training.config import PRESETS, TrainConfig, field_help
 from training.export import ParityError, check_parity, write_graphs
 from training.models import LeNet, build, keep_first_classes
-from training.train import augment, cutmix
+from training.train import augment, cutmix, self_distill_share
 
 LABELS = ["dog", "cat", "boat", "bird"]
 
@@ -189,6 +190,20 @@ def test_keep_first_classes_keeps_the_product_logits():
     assert after.shape == (3, 4) and torch.allclose(before, after)
 
 
+def test_residual_blocks_add_their_branch_to_the_block_output():
+    model = build("convnet", 4, width=8, residual=(1, 3)).eval()
+    stages = model.forward_stages(torch.randn(2, 3, 32, 32))
+    by_name = {name: (kind, value) for name, kind, value in stages}
+    assert by_name["block1_res_add"][0] == "add" and "block2_res_add" not in by_name
+    # The last block's sum is what the head pools (and what class activation maps are made of).
+    kind, features = by_name[model.cam_stage]
+    assert kind == "add"
+    assert torch.allclose(features, by_name["block3_relu2"][1] + by_name["block3_res_relu2"][1])
+    assert torch.allclose(by_name["global_pool"][1], features.mean(dim=(2, 3)))
+    plain = build("convnet", 4, width=8).eval()
+    assert all(kind != "add" for _, kind, _ in plain.forward_stages(torch.zeros(1, 3, 32, 32)))
+
+
 def test_augment_keeps_shapes_and_is_seeded():
     config = TrainConfig(flip=True, translate=4, cutout=8)
     x = torch.randn(16, 3, 32, 32)
@@ -241,8 +256,8 @@ def tiny_run(tmp_path_factory):
     extra = write_tree(root / "extra", labels=["horse", "frog"], per_label=6)
     store = root / "store"
     code = main(["train", "--data", str(tree), "--extra-data", str(extra), "--store", str(store), "--preset", "smoke",
-                 "--arch", "convnet", "--width", "8", "--val-fraction", "0.25", "--no-progress", "--extra-classes",
-                 "--epochs", "2", "--focus-epochs", "1", "--cutmix", "1", "--batch-size", "12"])
+                 "--arch", "convnet", "--width", "8", "--residual", "3", "--val-fraction", "0.25", "--no-progress",
+                 "--extra-classes", "--epochs", "2", "--focus-epochs", "1", "--cutmix", "1", "--batch-size", "12"])
     assert code == 0
     return store, tree
 
@@ -307,6 +322,48 @@ def test_training_is_deterministic_under_a_seed(tmp_path):
     assert results[0] == results[1]
 
 
+def test_an_interrupted_run_goes_on_from_its_checkpoint_to_the_same_model(tmp_path, monkeypatch):
+    tree = write_tree(tmp_path / "data", per_label=8)
+    checkpoint = tmp_path / "run.ckpt"
+
+    def train(store: str, *extra: str) -> int:
+        return main(["train", "--data", str(tree), "--store", str(tmp_path / store), "--preset", "smoke",
+                     "--arch", "convnet", "--width", "8", "--epochs", "3", "--ema-decay", "0.9",
+                     "--self-distill", "0.5", "--val-fraction", "0.25", "--no-progress", *extra])
+
+    assert train("straight") == 0
+    real_save = training_loop.save_checkpoint
+
+    def save_then_die(path, **state):
+        real_save(path, **state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # as if the machine went away after epoch 2
+
+    monkeypatch.setattr(training_loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train("resumed", "--checkpoint", str(checkpoint))
+    assert not (tmp_path / "resumed" / "convnet" / "1").exists()
+    monkeypatch.setattr(training_loop, "save_checkpoint", real_save)
+    assert train("resumed", "--checkpoint", str(checkpoint)) == 0
+    straight, resumed = (json.loads((tmp_path / store / "convnet" / "1" / "metrics.json").read_text())
+                         for store in ("straight", "resumed"))
+    assert resumed["validation"] == straight["validation"]
+    assert [row["train_loss"] for row in resumed["history"]] == [row["train_loss"] for row in straight["history"]]
+    metadata = json.loads((tmp_path / "resumed" / "convnet" / "1" / "metadata.json").read_text())
+    assert metadata["training"]["resumed"] == {"after_epoch": 2, "changed": {}}
+    # A finished run's checkpoint cannot be continued: it says so instead of silently retraining.
+    assert train("again", "--checkpoint", str(checkpoint)) == 2
+
+
+def test_self_distillation_share_rises_over_the_focus_epochs():
+    config = TrainConfig(epochs=10, focus_epochs=4, self_distill=0.6)
+    shares = [self_distill_share(config, epoch) for epoch in range(1, 11)]
+    assert shares[:6] == [0.0] * 6 and shares[-1] == pytest.approx(0.6)
+    assert all(later > earlier for earlier, later in zip(shares[6:], shares[7:]))
+    with pytest.raises(ValueError, match="--self-distill needs --ema-decay"):
+        TrainConfig(self_distill=0.5, ema_decay=0.0)
+
+
 class TracedBranch(LeNet):
     """A classic export pitfall: tracing records one branch of data-dependent Python control flow."""
 
@@ -342,6 +399,7 @@ def test_check_parity_tolerance(tmp_path):
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
     (["--cutmix", "2"], "--cutmix must be between 0 and 1"),
     (["--arch", "resnet"], "--arch must be 'convnet' or 'lenet'"),
+    (["--residual", "2,4"], "--residual lists convnet blocks 1, 2 or 3"),
     (["--val-fraction", "0"], "--val-fraction must be between 0 and 1"),
 ])
 def test_cli_refuses_bad_hyperparameters_before_reading_data(tmp_path, capsys, flags, message):

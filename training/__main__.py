@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                               help="a named set of hyperparameters; flags below override it (default: default)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    train_parser.add_argument("--checkpoint", type=Path,
+                              help="save the training state here after every epoch; a run that finds it goes on "
+                                   "from there")
     hyper = train_parser.add_argument_group("hyperparameters (defaults before the preset is applied)")
     for name, (kind, description, default) in field_help().items():
         flag = "--" + name.replace("_", "-")
@@ -106,9 +109,10 @@ def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
     print(f"training {name} ({config.arch}) on {len(train_part.labels)} images "
           f"({', '.join(train_part.label_names)}), validating on {len(val.labels)}")
     seed_everything(config.seed)  # before the model is built: initial weights depend on it
-    model = build(config.arch, len(train_part.label_names), config.width)
+    model = build(config.arch, len(train_part.label_names), config.width,
+                  config.residual_blocks())
     final, history, run_info = fit(config, train_part, train_inputs, val, val_inputs, model, len(labels),
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, checkpoint=args.checkpoint)
     keep_first_classes(final, len(labels))
     version = next_version(args.store, name)
     staging = staging_folder(args.store, name)

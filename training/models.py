@@ -72,12 +72,14 @@ class ConvNet(nn.Module):
     and one linear layer. Each conv includes its batch norm (folded into it in the exported graph). The linear head
     on pooled maps is what makes class activation maps possible.
 
-    Widths are (w/2, w, 2w, 4w); each block halves the resolution: 32 → 16 → 8 → 4.
+    Widths are (w/2, w, 2w, 4w); each block halves the resolution: 32 → 16 → 8 → 4. A block listed in ``residual``
+    is followed by two more convs whose output is added to their input (a ResNet shortcut: depth without the
+    vanishing signal).
     """
 
     cam_stage = "features"
 
-    def __init__(self, num_classes: int = 4, width: int = 64):
+    def __init__(self, num_classes: int = 4, width: int = 64, residual: tuple[int, ...] = ()):
         super().__init__()
         widths = [width // 2, width, 2 * width, 4 * width]
         self.stem = ConvBN(3, widths[0])
@@ -85,6 +87,10 @@ class ConvNet(nn.Module):
             nn.ModuleList([ConvBN(widths[i], widths[i + 1]), ConvBN(widths[i + 1], widths[i + 1])])
             for i in range(3)
         )
+        self.residual = nn.ModuleDict({
+            str(number): nn.ModuleList([ConvBN(widths[number], widths[number]), ConvBN(widths[number], widths[number])])
+            for number in residual
+        })
         self.pool = nn.MaxPool2d(2)
         self.relu = nn.ReLU()
         self.head = nn.Linear(widths[-1], num_classes, bias=True)
@@ -100,7 +106,14 @@ class ConvNet(nn.Module):
             x = add(f"block{number}_relu1", "relu", self.relu(x))
             x = add(f"block{number}_conv2", "conv", second(x))
             last = number == len(self.blocks)
-            x = add(self.cam_stage if last else f"block{number}_relu2", "relu", self.relu(x))
+            shortcut = self.residual[str(number)] if str(number) in self.residual else None
+            x = add(self.cam_stage if last and shortcut is None else f"block{number}_relu2", "relu", self.relu(x))
+            if shortcut is not None:
+                branch = add(f"block{number}_res_conv1", "conv", shortcut[0](x))
+                branch = add(f"block{number}_res_relu1", "relu", self.relu(branch))
+                branch = add(f"block{number}_res_conv2", "conv", shortcut[1](branch))
+                branch = add(f"block{number}_res_relu2", "relu", self.relu(branch))
+                x = add(self.cam_stage if last else f"block{number}_res_add", "add", x + branch)
         x = add("global_pool", "pool", x.mean(dim=(2, 3)))
         add("fc", "fc", self.head(x))
         return stages
@@ -109,11 +122,11 @@ class ConvNet(nn.Module):
         return self.forward_stages(x)[-1][2]
 
 
-def build(arch: str, num_classes: int, width: int = 64) -> nn.Module:
+def build(arch: str, num_classes: int, width: int = 64, residual: tuple[int, ...] = ()) -> nn.Module:
     if arch == "lenet":
         return LeNet(num_classes)
     if arch == "convnet":
-        return ConvNet(num_classes, width)
+        return ConvNet(num_classes, width, residual)
     raise ValueError(f"Unknown architecture {arch!r}; choose 'convnet' or 'lenet'.")
 
 

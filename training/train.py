@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,14 @@ def cutmix(x: torch.Tensor, targets: torch.Tensor, probability: float,
     return mixed, targets[partner], 1.0 - box_h * box_w / (height * width)
 
 
+def self_distill_share(config: TrainConfig, epoch: int) -> float:
+    """The EMA teacher's share of the target in ``epoch`` (1-based): rising linearly to ``self_distill`` over the
+    focus epochs (over all epochs when there are none), 0 before them."""
+    span = config.focus_epochs or config.epochs
+    into = epoch - (config.epochs - span)
+    return config.self_distill * into / span if into > 0 else 0.0
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decayed = [p for p in model.parameters() if p.ndim > 1]
     not_decayed = [p for p in model.parameters() if p.ndim <= 1]
@@ -129,10 +138,29 @@ def predict_logits(model: nn.Module, inputs: torch.Tensor, device: torch.device,
     return torch.cat(outputs)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot continue this run."""
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    """Everything needed to go on after ``state['epoch']``; written whole or not at all."""
+    staging = path.with_name(path.name + ".partial")
+    torch.save(state, staging)
+    os.replace(staging, path)
+
+
+def changed_settings(saved: dict, config: TrainConfig) -> dict:
+    return {name: [saved.get(name), value] for name, value in config.to_dict().items() if saved.get(name) != value}
+
+
 def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, val: LabelledImages,
         val_inputs: np.ndarray, model: nn.Module, product_classes: int,
-        progress: bool = True) -> tuple[nn.Module, History, dict]:
-    """Train ``model`` on normalised inputs; return the model to export (the EMA when enabled) and the history."""
+        progress: bool = True, checkpoint: Path | None = None) -> tuple[nn.Module, History, dict]:
+    """Train ``model`` on normalised inputs; return the model to export (the EMA when enabled) and the history.
+
+    With ``checkpoint``, the whole training state is saved there after every epoch, and a run that finds the file
+    goes on from where it stopped (bit for bit, under the same settings).
+    """
     device = pick_device()
     if config.threads and device.type == "cpu":
         torch.set_num_threads(config.threads)
@@ -160,12 +188,35 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     history = History()
-    started = time.perf_counter()
+    first_epoch, earlier_seconds, resumed = 1, 0.0, None
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)  # written by this code, below
+        if state["images"] != len(x_train) or state["epoch"] >= config.epochs:
+            raise CheckpointError(f"{checkpoint} is from another run ({state['images']} training images, "
+                                  f"{state['epoch']} epochs done); delete it or pass another --checkpoint.")
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"].to("cpu") if device.type == "cpu" else state["generator"])
+        history.rows = state["history"]
+        first_epoch, earlier_seconds = state["epoch"] + 1, state["seconds"]
+        resumed = {"after_epoch": state["epoch"], "changed": changed_settings(state["config"], config)}
+        print(f"resuming after epoch {state['epoch']} from {checkpoint}"
+              + (f"; changed since: {resumed['changed']}" if resumed["changed"] else ""))
+    started = time.perf_counter() - earlier_seconds
     bar = tqdm(total=total_steps, unit="step", disable=not progress, dynamic_ncols=True)
+    bar.update(sum(math.ceil(len(pool) / config.batch_size) for pool in pools[:first_epoch - 1]))
     for epoch, pool in enumerate(pools, start=1):
+        if epoch < first_epoch:
+            continue
         model.train()
         focused = epoch >= first_focus_epoch
         mixing = config.cutmix if focused or not config.focus_epochs else 0.0
+        teacher_share = self_distill_share(config, epoch) if ema is not None else 0.0
+        if teacher_share:
+            ema.module.eval()
         order = pool[torch.randperm(len(pool), device=device, generator=generator)]
         loss_sum, correct, seen = 0.0, 0, 0
         bar.set_description(f"epoch {epoch}/{config.epochs}{' (focus)' if focused else ''}")
@@ -185,6 +236,10 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
                 if kept < 1.0:
                     loss = loss + (1.0 - kept) * F.cross_entropy(scores, pasted_targets,
                                                                  label_smoothing=config.label_smoothing)
+                if teacher_share:
+                    with torch.no_grad():
+                        taught = torch.softmax(ema.module(inputs)[:, :scores.shape[1]].float(), dim=1)
+                    loss = (1.0 - teacher_share) * loss + teacher_share * F.cross_entropy(scores, taught)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -207,9 +262,17 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", val_acc=f"{val_acc:.4f}")
         bar.write(f"epoch {epoch:3d}  train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}  "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f}  ({time.perf_counter() - started:.0f} s)")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, epoch=epoch, images=len(x_train), config=config.to_dict(),
+                            model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            generator=generator.get_state(), history=history.rows,
+                            seconds=time.perf_counter() - started)
     bar.close()
     final = copy.deepcopy(ema.module if ema is not None else model).float().to("cpu")
     final = final.to(memory_format=torch.contiguous_format).eval()
     run_info = {"device": str(device), "bf16": use_bf16, "wall_time_s": round(time.perf_counter() - started, 1),
                 "steps": total_steps}
+    if resumed is not None:
+        run_info["resumed"] = resumed
     return final, history, run_info

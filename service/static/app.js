@@ -6,7 +6,9 @@ const SERVER_TYPES = new Set(["image/jpeg", "image/jpg", "image/png", "image/web
   "image/gif", "image/tiff"]);
 const MAP_TARGET_WIDTH = 256; // feature-map grids are drawn at an integer zoom close to this width (CSS px)
 
-const KIND_NAMES = { input: "input", conv: "conv", relu: "ReLU", pool: "pool", fc: "FC", softmax: "softmax" };
+const KIND_NAMES = {
+  input: "input", conv: "conv", relu: "ReLU", add: "add", pool: "pool", fc: "FC", softmax: "softmax",
+};
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -491,6 +493,9 @@ function explain(stage, previous, index, stages, model) {
       return dims === 3
         ? "ReLU: negative values become 0 (black here), positive ones pass unchanged: only detected features go on."
         : "ReLU: negative values become 0, positive ones pass unchanged.";
+    case "add":
+      return "Residual shortcut: the maps from before the last two convs are added to what those convs made of " +
+        "them, so the pair only has to learn a correction and the signal can flow past it.";
     case "pool": {
       if (dims === 1) {
         return "Global average pooling: each channel's whole map is averaged into one number — how much of that " +
