@@ -38,7 +38,7 @@ Train the four-class ConvNet (dog, cat, boat, bird), evaluate it, and publish it
   python -m training train --data DATA --preset fast                          # a few minutes, for iteration
   python -m training train --data DATA --preset lenet                         # the classic LeNet layout
   python -m training train --data DATA --epochs 40 --lr 0.1                   # override any hyperparameter
-  python -m training evaluate model_store/convnet/3 --data cifar-10-batches-py --split test
+  python -m training evaluate model_store/convnet/4 --data cifar-10-batches-py --split test
 
 DATA is a folder with one sub-folder per label (dog/ cat/ boat/ bird/ of images), or CIFAR-10's python
 batches (cifar-10-batches-py; 'ship' is used as 'boat'). Each run writes the next version,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             hyper.add_argument(flag, dest=name, type=kind, default=None, help=f"{description} (default: {default})")
     evaluate_parser = commands.add_parser("evaluate", help="measure a stored model on labelled images")
-    evaluate_parser.add_argument("model_dir", type=Path, help="a version folder, e.g. model_store/convnet/3")
+    evaluate_parser.add_argument("model_dir", type=Path, help="a version folder, e.g. model_store/convnet/4")
     evaluate_parser.add_argument("--data", required=True, type=Path, help="labelled images (tree or CIFAR batches)")
     evaluate_parser.add_argument("--split", choices=["train", "test"], default="train",
                                  help="which CIFAR batches to read (ignored for folder trees)")
