@@ -15,6 +15,8 @@ class TrainConfig:
     # What is trained.
     arch: Annotated[str, "network layout: 'convnet' (accurate default) or 'lenet' (the classic layout)"] = "convnet"
     width: Annotated[int, "convnet: channels of the first block; later blocks use 2x and 4x"] = 64
+    # Two more convs after block 3, where the features are most abstract (cat vs dog), for 13 % more step time:
+    # single view 91.40 % vs 90.90 % with v3's recipe.
     residual: Annotated[str, "convnet: blocks followed by a residual pair of convs, e.g. '3' or '1,3'; '' = none"] = "3"
     # Optimisation: SGD with Nesterov momentum; the learning rate warms up linearly from zero, then falls linearly
     # to zero.
