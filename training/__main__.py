@@ -109,8 +109,7 @@ def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
     print(f"training {name} ({config.arch}) on {len(train_part.labels)} images "
           f"({', '.join(train_part.label_names)}), validating on {len(val.labels)}")
     seed_everything(config.seed)  # before the model is built: initial weights depend on it
-    model = build(config.arch, len(train_part.label_names), config.width,
-                  config.residual_blocks())
+    model = build(config.arch, len(train_part.label_names), config.width, config.residual_blocks())
     final, history, run_info = fit(config, train_part, train_inputs, val, val_inputs, model, len(labels),
                                    progress=not args.no_progress, checkpoint=args.checkpoint)
     keep_first_classes(final, len(labels))

@@ -106,7 +106,8 @@ class ConvNet(nn.Module):
             x = add(f"block{number}_relu1", "relu", self.relu(x))
             x = add(f"block{number}_conv2", "conv", second(x))
             last = number == len(self.blocks)
-            shortcut = self.residual[str(number)] if str(number) in self.residual else None
+            key = str(number)
+            shortcut = self.residual[key] if key in self.residual else None
             x = add(self.cam_stage if last and shortcut is None else f"block{number}_relu2", "relu", self.relu(x))
             if shortcut is not None:
                 branch = add(f"block{number}_res_conv1", "conv", shortcut[0](x))

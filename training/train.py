@@ -101,12 +101,17 @@ def cutmix(x: torch.Tensor, targets: torch.Tensor, probability: float,
     return mixed, targets[partner], 1.0 - box_h * box_w / (height * width)
 
 
-def self_distill_share(config: TrainConfig, epoch: int) -> float:
-    """The EMA teacher's share of the target in ``epoch`` (1-based): rising linearly to ``self_distill`` over the
-    focus epochs (over all epochs when there are none), 0 before them."""
+def regularised_share(config: TrainConfig, epoch: int) -> float:
+    """How far ``epoch`` (1-based) is into the epochs that CutMix and the teacher act on: the focus epochs, or all
+    epochs when there are none. 0 before them, then rising linearly to 1 at the last epoch."""
     span = config.focus_epochs or config.epochs
     into = epoch - (config.epochs - span)
-    return config.self_distill * into / span if into > 0 else 0.0
+    return into / span if into > 0 else 0.0
+
+
+def self_distill_share(config: TrainConfig, epoch: int) -> float:
+    """The EMA teacher's share of the target in ``epoch``: rising linearly to ``self_distill``."""
+    return config.self_distill * regularised_share(config, epoch)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -199,7 +204,7 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"].to("cpu") if device.type == "cpu" else state["generator"])
+        generator.set_state(state["generator"].cpu())  # a byte tensor on the CPU, whatever the device
         history.rows = state["history"]
         first_epoch, earlier_seconds = state["epoch"] + 1, state["seconds"]
         resumed = {"after_epoch": state["epoch"], "changed": changed_settings(state["config"], config)}
@@ -208,12 +213,10 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
     started = time.perf_counter() - earlier_seconds
     bar = tqdm(total=total_steps, unit="step", disable=not progress, dynamic_ncols=True)
     bar.update(sum(math.ceil(len(pool) / config.batch_size) for pool in pools[:first_epoch - 1]))
-    for epoch, pool in enumerate(pools, start=1):
-        if epoch < first_epoch:
-            continue
+    for epoch, pool in enumerate(pools[first_epoch - 1:], start=first_epoch):
         model.train()
         focused = epoch >= first_focus_epoch
-        mixing = config.cutmix if focused or not config.focus_epochs else 0.0
+        mixing = config.cutmix if regularised_share(config, epoch) else 0.0
         teacher_share = self_distill_share(config, epoch) if ema is not None else 0.0
         if teacher_share:
             ema.module.eval()
