@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the gunicorn master imports service.settings: keep metrics and ONNX Runtime out of it
     from flask import Flask
 
+    from service.pipeline import InferencePipeline
     from service.registry import ModelRegistry
-    from service.runtime import Runtime
     from service.settings import Settings
 
 __version__ = "0.1.0"
@@ -26,7 +26,7 @@ class AppState:
 
     settings: Settings
     registry: ModelRegistry
-    runtime: Runtime
+    pipeline: InferencePipeline
 
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
@@ -34,8 +34,9 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     from flask import Flask
 
     from service.api import register_api
+    from service.pipeline import InferencePipeline
     from service.registry import ModelRegistry
-    from service.runtime import Runtime
+    from service.scheduler import InferenceQueue
     from service.settings import Settings
 
     settings = settings or Settings.from_env()
@@ -44,7 +45,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     app.json.sort_keys = False
     registry = registry or ModelRegistry(settings)
-    app.extensions["convserve"] = AppState(settings, registry, Runtime(settings))
+    queue = InferenceQueue(settings.inference_threads, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT)
+    app.extensions["convserve"] = AppState(settings, registry, InferencePipeline(settings, queue))
     register_api(app, settings)
     if load_models:
         registry.start_loading()

@@ -91,3 +91,22 @@ class ModelUnavailable(NotReady):
     """The model exists in the store but failed to load."""
 
     code = "model_unavailable"
+
+
+class RequestTimeout(ServiceError):
+    """The client did not finish sending its request body within BODY_TIMEOUT."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class Overloaded(ServiceError):
+    """More work waits than can start within QUEUE_TIMEOUT: shed now, retryably, rather than time out later."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, reason: str, retry_after: int = 1):
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after

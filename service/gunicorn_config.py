@@ -2,18 +2,17 @@
 
     gunicorn -c python:service.gunicorn_config
 
-Sync workers, one per core: on 2 cores they gave the best throughput and p99 (gthread and gevent were measured and
-lost; see README "Performance"). Each worker loads the models itself after fork: ONNX Runtime sessions are not
-fork-safe.
+One worker process per core, each a gevent worker (service/worker.py): connections are greenlets, so slow or idle
+clients cost almost nothing and health probes never wait behind inference; decoding and ONNX Runtime run on
+INFERENCE_THREADS real threads per worker behind a bounded queue (service/scheduler.py). Each worker loads the models
+itself after fork: ONNX Runtime sessions are not fork-safe.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import tempfile
-import threading
 
 from service.settings import Settings
 
@@ -22,11 +21,12 @@ settings = Settings.from_env()
 wsgi_app = "service:create_app()"
 bind = f"{settings.HOST}:{settings.PORT}"
 workers = settings.WORKERS
-threads = settings.THREADS
-worker_class = "gthread" if settings.THREADS > 1 else "sync"
+worker_class = "service.worker.ServingWorker"
+worker_connections = settings.WORKER_CONNECTIONS
 timeout = settings.TIMEOUT
 graceful_timeout = settings.GRACEFUL_TIMEOUT
-keepalive = 5
+# Also the time allowed for a request's headers to arrive (gevent.Timeout around the header parse).
+keepalive = settings.KEEPALIVE
 accesslog = "-"
 errorlog = "-"
 loglevel = settings.LOG_LEVEL.lower()
@@ -50,29 +50,11 @@ def on_starting(server):
 
 def post_worker_init(worker):
     """Accept connections only once this worker's models are loaded and warmed, so a restarted worker never
-    answers 503 while its siblings serve. On SIGTERM: report not-ready at once, keep serving for DRAIN_SECONDS,
-    then stop gracefully."""
-    drain_seconds = Settings.from_env().DRAIN_SECONDS
-    state = worker.wsgi.extensions.get("convserve")
+    answers 503 while its siblings serve. (SIGTERM and the drain: service/worker.py.)"""
+    flask_app = getattr(worker, "flask_app", worker.wsgi)
+    state = flask_app.extensions.get("convserve") if hasattr(flask_app, "extensions") else None
     if state is not None:
         state.registry.loading_done.wait(timeout=max(1, settings.TIMEOUT - 5))
-
-    def stop():
-        worker.alive = False
-        try:
-            os.write(worker.PIPE[1], b".")  # wake the worker loop out of select()
-        except OSError:
-            pass
-
-    def begin_shutdown(signum, frame):
-        if state is not None:
-            state.registry.begin_shutdown()
-        if drain_seconds > 0:
-            threading.Timer(drain_seconds, stop).start()
-        else:
-            stop()
-
-    signal.signal(signal.SIGTERM, begin_shutdown)
 
 
 def child_exit(server, worker):

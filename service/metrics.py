@@ -44,8 +44,21 @@ MODEL_LOADED = Gauge(f"{PREFIX}_model_loaded", "1 if the model version loaded in
                      ["model", "version"], multiprocess_mode="livemin")
 READY = Gauge(f"{PREFIX}_ready", "1 when every live worker is ready to serve.", multiprocess_mode="livemin")
 
+QUEUE_DEPTH = Gauge(f"{PREFIX}_queue_depth", "Requests waiting for an inference thread now.",
+                    multiprocess_mode="livesum")
+INFERENCE_THREADS = Gauge(f"{PREFIX}_inference_threads", "Threads running decode and ONNX Runtime (capacity).",
+                          multiprocess_mode="livesum")
+QUEUE_WAIT = Histogram(f"{PREFIX}_queue_wait_seconds", "Time a request waited for an inference thread.",
+                       buckets=LATENCY_BUCKETS)
+SHED_REASONS = ("queue_full", "queue_timeout")
+SHED = Counter(f"{PREFIX}_shed_total", "Requests refused with 503 overloaded instead of queued, by reason.",
+               ["reason"])
+for _reason in SHED_REASONS:
+    SHED.labels(_reason)  # exported at 0 from the start, so rate() and alerts see the series
+
 EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, INFERENCE_LATENCY, BATCH_SIZE,
-                    PREDICTIONS, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_LOADED, READY]
+                    PREDICTIONS, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_LOADED, READY, QUEUE_DEPTH, INFERENCE_THREADS,
+                    QUEUE_WAIT, SHED]
 
 
 def exposition() -> tuple[bytes, str]:

@@ -119,6 +119,41 @@ class ModelRegistry:
     def failure(self, name: str, version: str) -> LoadFailure | None:
         return self.failures.get((name, version))
 
+    def loaded_versions(self, name: str) -> list[str]:
+        return sorted(self.models.get(name, {}), key=version_key)
+
+    # descriptions (GET /v1/models...) ------------------------------------------------------------------------------
+    def describe(self, name: str) -> dict:
+        """A model: its versions with their state, and the served version's labels, input, outputs, inspection."""
+        description = {"name": name, "default_version": None,
+                       "versions": [self.describe_version(name, version) for version in self.versions(name)]}
+        if name in self.models:
+            latest = self.latest(name)
+            metadata = latest.metadata
+            description.update(default_version=latest.version, labels=metadata["labels"], input=metadata["input"],
+                               outputs=metadata["outputs"], architecture=metadata.get("architecture"),
+                               inspection=_describe_inspection(metadata))
+        return description
+
+    def describe_version(self, name: str, version: str) -> dict:
+        failure = self.failure(name, version)
+        if failure is not None:
+            return {"version": version, "state": "failed", "error": failure.reason}
+        model = self.models[name][version]
+        metadata = model.metadata
+        validation = metadata.get("metrics", {}).get("validation", {})
+        return {
+            "version": version,
+            "state": "ready" if model.ready else "loading",
+            "sha256": metadata.get("sha256"),
+            "created_at": metadata.get("created_at"),
+            "labels": metadata["labels"],
+            "parameters": metadata.get("architecture", {}).get("parameters"),
+            "metrics": {"validation_accuracy": validation.get("accuracy"), "validation_count": validation.get("count"),
+                        "per_class": validation.get("per_class")},
+            "training": {key: metadata.get("training", {}).get(key) for key in ("preset", "wall_time_s", "device")},
+        }
+
     # internals -------------------------------------------------------------------------------------------------
     def _version_folders(self) -> list[Path]:
         if not self.store.is_dir():
@@ -131,15 +166,18 @@ class ModelRegistry:
         return folders
 
     def _load_one(self, folder: Path) -> None:
+        """Load and warm one version. Whatever goes wrong (ONNX Runtime failing at warm-up included) marks this
+        version failed with its reason; the loop goes on to the others."""
         name, version = folder.parent.name, folder.name
-        model = self.model_factory(folder, self.intra_op_threads)
         try:
+            model = self.model_factory(folder, self.intra_op_threads)
             model.load()
-        except ModelLoadError as exc:
-            self.failures[(name, version)] = LoadFailure(name, version, str(exc))
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            self.failures[(name, version)] = LoadFailure(name, version, reason)
             metrics.MODEL_LOAD_FAILURES.labels(name, version).inc()
             metrics.MODEL_LOADED.labels(name, version).set(0)
-            log.error("model %s version %s failed to load: %s", name, version, exc, exc_info=True)
+            log.error("model %s version %s failed to load: %s", name, version, reason, exc_info=True)
             return
         self.models.setdefault(name, {})[version] = model
         metrics.MODEL_INFO.labels(name, version, model.metadata.get("sha256", "")).set(1)
@@ -163,3 +201,10 @@ class ModelRegistry:
             return (f"the default model {self.default_name!r} is not loaded (models: {', '.join(self.models)}); "
                     "set DEFAULT_MODEL to one of them")
         return None
+
+
+def _describe_inspection(metadata: dict) -> dict:
+    """What /inspect will show for this model: its stages in order, and whether it has class activation maps."""
+    inspection = metadata.get("inspection") or {}
+    stages = [{key: stage[key] for key in ("name", "kind", "shape")} for stage in inspection.get("stages", [])]
+    return {"stages": stages, "class_activation_maps": inspection.get("class_maps") is not None}

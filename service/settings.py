@@ -6,6 +6,7 @@ use them. Nothing else in the service reads the environment.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,8 +25,14 @@ class Settings:
     MODEL_STORE: Path = _setting(REPO_MODEL_STORE, "folder of <name>/<version>/{model.onnx,metadata.json}")
     DEFAULT_MODEL: str = _setting("convnet", "model served by /v1/classify and /v1/inspect")
     WORKERS: int = _setting(2, "gunicorn worker processes; one per CPU core is the measured best")
-    THREADS: int = _setting(1, "threads per worker; 1 = sync workers (best p99 measured on 2 cores)")
-    TIMEOUT: int = _setting(30, "seconds a worker may spend on one request before it is restarted")
+    INFERENCE_THREADS: int = _setting(0, "real threads per worker that decode and run ONNX Runtime; "
+                                         "0 = the CPUs available / WORKERS (at least 1)")
+    MAX_QUEUE: int = _setting(64, "requests per worker that may wait for an inference thread; more get 503 overloaded")
+    QUEUE_TIMEOUT: float = _setting(1.0, "seconds a request may wait for an inference thread before 503 overloaded")
+    BODY_TIMEOUT: float = _setting(15.0, "seconds a client has to send its whole request body (408 after)")
+    KEEPALIVE: int = _setting(5, "seconds an idle keep-alive connection, or one still sending headers, stays open")
+    WORKER_CONNECTIONS: int = _setting(1000, "open connections per worker (idle and slow ones cost a few kB each)")
+    TIMEOUT: int = _setting(30, "seconds a worker may go without a heartbeat before the master restarts it")
     GRACEFUL_TIMEOUT: int = _setting(30, "seconds workers get to finish in-flight requests on shutdown")
     DRAIN_SECONDS: float = _setting(0.0, "on SIGTERM, keep serving this long with /readyz at 503 before stopping")
     MAX_UPLOAD_BYTES: int = _setting(10 * 1024 * 1024, "largest request body accepted (413 above)")
@@ -48,12 +55,33 @@ class Settings:
         return cls(**values)
 
     @property
+    def inference_threads(self) -> int:
+        """Inference never runs on more threads than cores in total: each worker takes its share."""
+        return self.INFERENCE_THREADS or max(1, available_cpus() // max(1, self.WORKERS))
+
+    @property
     def cors_origins(self) -> list[str]:
         return [origin.strip() for origin in self.CORS_ORIGINS.split(",") if origin.strip()]
 
     @classmethod
     def describe(cls) -> list[tuple[str, object, str]]:
         return [(f.name, f.default, f.metadata["description"]) for f in fields(cls)]
+
+
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity mask, narrowed by a cgroup v2 CPU quota (a Kubernetes CPU limit),
+    which the affinity mask does not show."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def _parse(name: str, kind: type, raw: str):

@@ -35,6 +35,15 @@ def image_bytes(fmt: str = "PNG", width: int = 64, height: int = 48, seed: int =
     return encode(pattern(width, height, seed), fmt, mode)
 
 
+def metric_value(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -60,7 +69,7 @@ def wait_for(url: str, status: int = 200, timeout: float = 60.0, process=None) -
 class GunicornServer:
     """The service as deployed: a real gunicorn master with its config file and worker processes."""
 
-    def __init__(self, tmp_path, **settings):
+    def __init__(self, tmp_path, gunicorn_args: tuple[str, ...] = (), **settings):
         import os
         import subprocess
         import sys
@@ -77,8 +86,8 @@ class GunicornServer:
         env.update({key: str(value) for key, value in settings.items()})
         gunicorn = Path(sys.executable).parent / "gunicorn"
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen([str(gunicorn), "-c", "python:service.gunicorn_config"], env=env,
-                                        stdout=self._log, stderr=subprocess.STDOUT,
+        command = [str(gunicorn), "-c", "python:service.gunicorn_config", *gunicorn_args]
+        self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         cwd=Path(__file__).resolve().parent.parent)
 
     def wait_ready(self, timeout: float = 60.0) -> None:

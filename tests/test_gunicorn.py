@@ -13,7 +13,7 @@ import requests
 import tritonclient.http as triton
 
 from service.preprocessing import InputSpec, preprocess
-from tests.helpers import GunicornServer, image_bytes
+from tests.helpers import GunicornServer, image_bytes, metric_value
 
 pytestmark = pytest.mark.slow
 
@@ -67,15 +67,6 @@ def test_tritonclient_sees_errors(server):
     client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
     with pytest.raises(triton.InferenceServerException, match="No model named"):
         client.get_model_metadata("missing")
-
-
-def metric_value(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_metrics_are_aggregated_over_workers(server):

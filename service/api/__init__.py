@@ -1,19 +1,27 @@
-"""HTTP layer: blueprints, the one mapping from errors to JSON bodies, request metrics and CORS."""
+"""HTTP layer: blueprints, the one mapping from errors to JSON bodies, request metrics, CORS, and the request
+body: admitted, read within BODY_TIMEOUT and MAX_UPLOAD_BYTES, before any view runs."""
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+from contextlib import contextmanager
 
 from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from service import metrics
-from service.errors import ServiceError
+from service.errors import BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
+from service.scheduler import gevent_active
 from service.settings import Settings
 
 log = logging.getLogger("convserve")
 
+# Requests to these views queue for an inference thread: when that queue is full they are shed before their body is
+# read (decide before you spend).
+QUEUED_ENDPOINTS = {"v1.classify", "v1.inspect", "v2.infer"}
+BODY_CHUNK = 64 * 1024
 # Probes and scrapes stay out of the request metrics.
 UNMETERED_ROUTES = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
@@ -33,6 +41,7 @@ def register_api(app: Flask, settings: Settings) -> None:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     app.before_request(_start_timer)
+    app.before_request(_admit_and_read_body)
     app.after_request(_record_request)
     app.teardown_request(_leave)
     if settings.cors_origins:
@@ -54,7 +63,71 @@ def error_response(status: int, code: str, message: str):
 
 def _service_error(error: ServiceError):
     log.info("%s %s → %d %s: %s", request.method, request.path, error.status, error.code, error.message)
-    return error_response(error.status, error.code, error.message)
+    response = error_response(error.status, error.code, error.message)
+    if isinstance(error, Overloaded):
+        response.headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, (RequestTimeout, PayloadTooLarge)) and g.get("body_unread"):
+        response.headers["Connection"] = "close"  # the rest of the body is still on its way: don't read it
+    return response
+
+
+def _admit_and_read_body() -> None:
+    """Shed before reading when the inference queue is full; then read the whole body, bounded in size and time,
+    so a view never waits on a client and the body limit holds for every transfer encoding (chunked too)."""
+    if request.method != "POST" or request.url_rule is None:
+        return
+    app = state()
+    if request.endpoint in QUEUED_ENDPOINTS:
+        app.pipeline.queue.admit()
+    settings = app.settings
+    limit = settings.MAX_UPLOAD_BYTES
+    g.body_unread = True
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(_too_large_message(limit))
+    stream, chunks, size = request.environ["wsgi.input"], [], 0
+    with _deadline(settings.BODY_TIMEOUT):
+        try:
+            while chunk := stream.read(BODY_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(_too_large_message(limit))
+                chunks.append(chunk)
+        except ServiceError:
+            raise
+        except Exception as exc:  # the server's own body reader: broken chunked encoding, client gone
+            # (gevent.Timeout is a BaseException: it passes through to _deadline)
+            raise BadRequest(f"The request body could not be read ({type(exc).__name__}): check its "
+                             "Content-Length or chunked encoding.") from exc
+    g.body_unread = False
+    body = b"".join(chunks)
+    request.environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))})
+    request.environ.pop("HTTP_TRANSFER_ENCODING", None)
+
+
+@contextmanager
+def _deadline(seconds: float):
+    """Under gevent, a RequestTimeout (408) once ``seconds`` have passed; elsewhere (sync worker) no deadline."""
+    if not gevent_active():
+        yield
+        return
+    import gevent
+
+    timer = gevent.Timeout(seconds)
+    timer.start()
+    try:
+        yield
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        raise RequestTimeout(f"The request body did not arrive within BODY_TIMEOUT={seconds:g} s. Send the whole "
+                             "body at once, or split large batches.") from None
+    finally:
+        timer.close()
+
+
+def _too_large_message(limit: int) -> str:
+    return (f"The request body is larger than the limit of {limit} bytes (MAX_UPLOAD_BYTES). "
+            "Send fewer or smaller images.")
 
 
 def _http_error(error: HTTPException):
@@ -66,8 +139,7 @@ def _http_error(error: HTTPException):
         allowed = ", ".join(sorted(error.valid_methods or [])) if hasattr(error, "valid_methods") else ""
         message = f"{request.method} is not allowed on {request.path}" + (f"; use {allowed}." if allowed else ".")
     elif status == 413:
-        message = (f"The request body is larger than the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes "
-                   "(MAX_UPLOAD_BYTES). Send fewer or smaller images.")
+        message = _too_large_message(current_app.config["MAX_CONTENT_LENGTH"])
     else:
         message = error.description or error.name
     response = error_response(status, code, message)

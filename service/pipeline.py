@@ -1,6 +1,8 @@
-"""Inference on behalf of the views: preprocessing, batching, ONNX Runtime, metrics, response shaping.
+"""The inference pipeline, on behalf of the views: decode and preprocess → model → shaped answer, plus metrics.
 
-The views hand over request data and get plain dicts back; they never touch ONNX Runtime or numpy.
+The views hand over plain request data (bytes, parsed JSON) and get plain dicts back; they never touch ONNX Runtime
+or numpy. Every public method runs its CPU work through the inference queue (service/scheduler.py): on a real
+inference thread, bounded in how many wait and for how long.
 """
 
 from __future__ import annotations
@@ -9,19 +11,35 @@ import time
 
 import numpy as np
 
-from service import metrics, visualize
+from service import metrics, oip, visualize
 from service.errors import InvalidImage, InvalidParameter, ServiceError, TooManyImages
 from service.model import OnnxModel
 from service.preprocessing import decode, normalize
+from service.scheduler import InferenceQueue
 from service.settings import Settings
 
 
-class Runtime:
-    def __init__(self, settings: Settings):
+class InferencePipeline:
+    def __init__(self, settings: Settings, queue: InferenceQueue):
         self.settings = settings
+        self.queue = queue
+
+    # the entry points: each runs on an inference thread ------------------------------------------------------------
+    def classify(self, model: OnnxModel, images: list[bytes], top_k: int | None) -> dict:
+        return self.queue.run(self._classify, model, images, top_k)
+
+    def inspect(self, model: OnnxModel, image: bytes, class_label: str | None) -> dict:
+        return self.queue.run(self._inspect, model, image, class_label)
+
+    def filters(self, model: OnnxModel) -> dict:
+        return self.queue.run(self._filters, model)
+
+    def infer(self, model: OnnxModel, request: dict, binary: bytes) -> tuple[dict, list[bytes]]:
+        """An Open Inference Protocol request (its JSON and binary part) → the response JSON and binary blobs."""
+        return self.queue.run(self._infer, model, request, binary)
 
     # classify -------------------------------------------------------------------------------------------------
-    def classify(self, model: OnnxModel, images: list[bytes], top_k: int | None) -> dict:
+    def _classify(self, model: OnnxModel, images: list[bytes], top_k: int | None) -> dict:
         probabilities = self.predict(model, self.preprocess(model, images))
         return {"model": model.name, "version": model.version,
                 "predictions": [prediction(model.labels, row, top_k) for row in probabilities]}
@@ -52,7 +70,7 @@ class Runtime:
             raise
 
     # inspect --------------------------------------------------------------------------------------------------
-    def inspect(self, model: OnnxModel, image: bytes, class_label: str | None) -> dict:
+    def _inspect(self, model: OnnxModel, image: bytes, class_label: str | None) -> dict:
         if class_label is not None and class_label not in model.labels:
             raise InvalidParameter(f"class={class_label!r} is not a label of {model.name}; "
                                    f"use one of {', '.join(model.labels)}.")
@@ -86,24 +104,26 @@ class Runtime:
                                **visualize.cam_overlay(outputs["class_maps"][0, chosen], picture)}
         return response
 
-    def filters(self, model: OnnxModel) -> dict:
+    def _filters(self, model: OnnxModel) -> dict:
         weights = model.first_conv_filters()
         return {"model": model.name, "version": model.version,
                 "stage": model.metadata["inspection"].get("first_conv"), "shape": list(weights.shape),
                 "filters": visualize.filter_grid(weights)}
 
     # Open Inference Protocol -------------------------------------------------------------------------------------
-    def infer_tensor(self, model: OnnxModel, batch: np.ndarray) -> np.ndarray:
-        model.check_tensor(batch)
-        return self.predict(model, np.ascontiguousarray(batch, dtype=np.float32))
-
-    def infer_encoded(self, model: OnnxModel, images: list[bytes]) -> np.ndarray:
-        if len(images) > self.settings.MAX_BATCH_IMAGES:
-            raise TooManyImages(f"{len(images)} images in one request; the limit is "
-                                f"{self.settings.MAX_BATCH_IMAGES}. Split the batch.")
-        if not images:
-            raise InvalidImage("The BYTES input holds no images.")
-        return self.predict(model, self.preprocess(model, images))
+    def _infer(self, model: OnnxModel, request: dict, binary: bytes) -> tuple[dict, list[bytes]]:
+        tensor = oip.input_tensor(request, model, binary, self.settings.MAX_BATCH_IMAGES)
+        if isinstance(tensor, np.ndarray):
+            model.check_tensor(tensor)
+            probabilities = self.predict(model, np.ascontiguousarray(tensor, dtype=np.float32))
+        else:
+            if not tensor:
+                raise InvalidImage("The BYTES input holds no images.")
+            if len(tensor) > self.settings.MAX_BATCH_IMAGES:
+                raise TooManyImages(f"{len(tensor)} images in one request; the limit is "
+                                    f"{self.settings.MAX_BATCH_IMAGES}. Split the batch.")
+            probabilities = self.predict(model, self.preprocess(model, tensor))
+        return oip.response(request, model, probabilities)
 
 
 def prediction(labels: list[str], probabilities: np.ndarray, top_k: int | None) -> dict:

@@ -1,0 +1,120 @@
+"""Open Inference Protocol tensors: an inference request's input → a numpy batch or encoded images, and
+probabilities → the response's outputs (JSON numbers or the binary tensor extension).
+
+Called by the inference pipeline on an inference thread; the /v2 views only split the HTTP body into its JSON and
+binary parts.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from service.errors import InvalidTensor, TooManyImages
+from service.inputs import decode_base64
+
+DATATYPES = {"FP32": np.float32, "BYTES": object}
+ENCODED_INPUT = "image"  # the BYTES input: not in the ONNX graph, so its name is the service's own
+OUTPUT = "probabilities"
+
+
+def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.ndarray | list[bytes]:
+    """The request's one input: FP32 → float32 array of its shape; BYTES → the encoded images."""
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InvalidTensor('Expected "inputs" with exactly one tensor: FP32 "input" [N,3,H,W] or BYTES [N].')
+    tensor = inputs[0]
+    datatype = tensor.get("datatype")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise InvalidTensor(f"Input datatype {datatype!r} is not supported; use FP32 (preprocessed) or BYTES "
+                            "(encoded images).")
+    expected_name = model.input_name if datatype == "FP32" else ENCODED_INPUT
+    if tensor.get("name") != expected_name:
+        raise InvalidTensor(f"Input {tensor.get('name')!r} is not one of model {model.name!r}'s inputs: send FP32 "
+                            f"{model.input_name!r} {model.input_shape} or BYTES {ENCODED_INPUT!r} [N].")
+    shape = tensor.get("shape")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise InvalidTensor("Input shape must be a non-empty list of positive integers, starting with the batch size.")
+    if shape[0] > max_images:
+        raise TooManyImages(f"{shape[0]} images in one request; the limit is {max_images}.")
+    binary_size = parameters(tensor).get("binary_data_size")
+    if datatype == "FP32":
+        return _fp32(tensor, shape, binary, binary_size)
+    return _bytes_elements(tensor, shape, binary, binary_size)
+
+
+def response(request: dict, model, probabilities: np.ndarray) -> tuple[dict, list[bytes]]:
+    """The response JSON and the binary blobs that follow it (empty unless binary output was asked for)."""
+    requested = request.get("outputs") or [{"name": OUTPUT}]
+    if not isinstance(requested, list):
+        raise InvalidTensor(f'"outputs" must be a list of {{"name": "{OUTPUT}"}}.')
+    request_parameters = parameters(request)
+    outputs, blobs = [], []
+    for output in requested:
+        if not isinstance(output, dict) or output.get("name") != OUTPUT:
+            raise InvalidTensor(f"The only output is {OUTPUT!r}.")
+        binary = parameters(output).get("binary_data", request_parameters.get("binary_data_output", False))
+        described = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
+        if binary:
+            blob = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
+            described["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            described["data"] = probabilities.astype(np.float32).ravel().tolist()
+        outputs.append(described)
+    body = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
+    if "id" in request:
+        body["id"] = request["id"]
+    return body, blobs
+
+
+def parameters(holder: dict) -> dict:
+    value = holder.get("parameters")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidTensor('"parameters" must be a JSON object.')
+    return value
+
+
+def _fp32(tensor: dict, shape: list[int], binary: bytes, binary_size) -> np.ndarray:
+    expected = int(np.prod(shape))
+    if binary_size is not None:
+        if not isinstance(binary_size, int) or binary_size != len(binary) or binary_size != expected * 4:
+            raise InvalidTensor(f"binary_data_size must be {expected * 4} bytes for FP32 {shape}; the body carries "
+                                f"{len(binary)}.")
+        return np.frombuffer(binary, dtype="<f4").reshape(shape)
+    try:
+        array = np.asarray(tensor.get("data"), dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidTensor(f"Input data is not a list of numbers ({exc}).") from exc
+    if array.size != expected:
+        raise InvalidTensor(f"Input data has {array.size} values; shape {shape} needs {expected}.")
+    return array.reshape(shape)
+
+
+def _bytes_elements(tensor: dict, shape: list[int], binary: bytes, binary_size) -> list[bytes]:
+    if len(shape) != 1:
+        raise InvalidTensor(f"A BYTES input has shape [N] (one encoded image each); got {shape}.")
+    if binary_size is not None:
+        if binary_size != len(binary):
+            raise InvalidTensor(f"binary_data_size {binary_size} does not match the {len(binary)} bytes sent.")
+        elements, offset = [], 0
+        while offset < len(binary):
+            if offset + 4 > len(binary):
+                raise InvalidTensor("Truncated BYTES element length.")
+            (size,) = struct.unpack_from("<I", binary, offset)
+            elements.append(binary[offset + 4:offset + 4 + size])
+            offset += 4 + size
+            if offset > len(binary):
+                raise InvalidTensor("Truncated BYTES element.")
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+            raise InvalidTensor("BYTES data must be a list of base64 strings, one encoded image each.")
+        elements = [decode_base64(text, index) for index, text in enumerate(data)]
+    if len(elements) != shape[0]:
+        raise InvalidTensor(f"Shape says {shape[0]} images; the data holds {len(elements)}.")
+    return elements

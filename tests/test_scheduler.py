@@ -1,0 +1,214 @@
+"""The inference queue (FIFO, bounded, timed), model loading that survives any failure, and the one-way request path.
+Unit level, in one process; the same behaviour under real gunicorn is tests/test_load.py."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from service import metrics
+from service.errors import Overloaded
+from service.registry import ModelRegistry
+from service.scheduler import FairSlots, InferenceQueue
+from service.settings import Settings, available_cpus
+from tests.helpers import image_bytes
+
+SERVICE = Path(__file__).resolve().parent.parent / "service"
+
+
+# --- the queue --------------------------------------------------------------------------------------------------------
+
+def test_slots_are_handed_out_first_come_first_served():
+    slots = FairSlots(1, threading.Event)
+    assert slots.acquire(timeout=1)
+    order, started = [], []
+
+    def waiter(index):
+        started.append(index)
+        assert slots.acquire(timeout=5)
+        order.append(index)
+        slots.release()
+
+    threads = []
+    for index in range(5):
+        thread = threading.Thread(target=waiter, args=(index,))
+        thread.start()
+        threads.append(thread)
+        while len(started) <= index or len(slots.waiters) <= index:  # each is queued before the next starts
+            time.sleep(0.001)
+    slots.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == [0, 1, 2, 3, 4]
+    assert slots.free == 1 and not slots.waiters
+
+
+def test_a_waiter_that_times_out_leaves_the_queue():
+    slots = FairSlots(1, threading.Event)
+    assert slots.acquire(timeout=1)
+    started = time.monotonic()
+    assert slots.acquire(timeout=0.05) is False
+    assert time.monotonic() - started >= 0.05
+    assert not slots.waiters
+    slots.release()
+    assert slots.free == 1
+
+
+def shed_count(reason: str) -> float:
+    return metrics.SHED.labels(reason)._value.get()
+
+
+def test_a_full_queue_sheds_at_once_with_a_retryable_error():
+    queue = InferenceQueue(threads=1, max_queue=1, queue_timeout=5)
+    release, running = threading.Event(), threading.Event()
+
+    def hold():
+        running.set()
+        release.wait(5)
+        return "held"
+
+    results = []
+    first = threading.Thread(target=lambda: results.append(queue.run(hold)))
+    first.start()
+    assert running.wait(5)
+    second = threading.Thread(target=lambda: results.append(queue.run(lambda: "queued")))
+    second.start()
+    while queue.waiting < 1:
+        time.sleep(0.001)
+    before = shed_count("queue_full")
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as refused:
+        queue.run(lambda: "never runs")
+    assert time.monotonic() - started < 1  # prompt, not after a wait
+    assert refused.value.status == 503 and refused.value.code == "overloaded"
+    assert refused.value.reason == "queue_full" and refused.value.retry_after >= 1
+    assert "MAX_QUEUE=1" in refused.value.message
+    assert shed_count("queue_full") == before + 1
+    with pytest.raises(Overloaded):
+        queue.admit()  # the check made before a body is read says the same
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert results == ["held", "queued"] and queue.waiting == 0
+
+
+def test_a_request_that_waits_past_queue_timeout_is_shed():
+    queue = InferenceQueue(threads=1, max_queue=10, queue_timeout=0.1)
+    release, running = threading.Event(), threading.Event()
+
+    def hold():
+        running.set()
+        release.wait(5)
+
+    holder = threading.Thread(target=queue.run, args=(hold,))
+    holder.start()
+    assert running.wait(5)
+    before = shed_count("queue_timeout")
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as refused:
+        queue.run(lambda: "never runs")
+    waited = time.monotonic() - started
+    assert 0.1 <= waited < 1.0
+    assert refused.value.reason == "queue_timeout" and "QUEUE_TIMEOUT=0.1" in refused.value.message
+    assert shed_count("queue_timeout") == before + 1
+    release.set()
+    holder.join(5)
+    assert queue.run(lambda: 42) == 42  # the thread is free again
+
+
+def test_errors_raised_by_the_work_reach_the_caller_and_free_the_thread():
+    queue = InferenceQueue(threads=1, max_queue=1, queue_timeout=1)
+    with pytest.raises(ValueError, match="boom"):
+        queue.run(lambda: (_ for _ in ()).throw(ValueError("boom")))
+    assert queue.run(lambda: "next") == "next"
+
+
+def test_inference_threads_default_to_the_cpus_per_worker(tmp_path):
+    assert Settings.from_env({}, WORKERS=1).inference_threads == available_cpus()
+    assert Settings.from_env({}, WORKERS=available_cpus() * 2).inference_threads == 1
+    assert Settings.from_env({}, INFERENCE_THREADS=3).inference_threads == 3
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # a CPU limit of 1.5 (Kubernetes: limits.cpu: 1500m)
+    assert available_cpus(quota) == min(2, available_cpus())
+    quota.write_text("max 100000\n")
+    assert available_cpus(quota) == available_cpus()
+
+
+# --- loading: any failure marks that version failed, the others load -----------------------------------------------
+
+def fails_at_warm_up(folder: Path) -> None:
+    """Replace a version's graph with one that ONNX Runtime loads but cannot run: a reshape of 3×32×32 values into
+    rows of 7 only fails when the first batch arrives (the registry's warm-up)."""
+    metadata = json.loads((folder / "metadata.json").read_text())
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "rows_of_seven"], ["probabilities"])], "fails_at_warm_up",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["rows", 7])],
+        [helper.make_tensor("rows_of_seven", TensorProto.INT64, [2], [-1, 7])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = folder / metadata["files"]["model"]
+    onnx.save(model, str(path))
+    metadata["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+
+
+def test_a_version_failing_at_warm_up_is_marked_failed_and_later_versions_load(lenet_store):
+    for version in ("2", "3"):
+        shutil.copytree(lenet_store / "lenet" / "1", lenet_store / "lenet" / version)
+    fails_at_warm_up(lenet_store / "lenet" / "2")
+    settings = Settings.from_env({}, MODEL_STORE=lenet_store, DEFAULT_MODEL="lenet")
+    registry = ModelRegistry(settings)
+    registry.load_all()
+    failure = registry.failure("lenet", "2")
+    assert failure is not None and "reshape" in failure.reason.lower(), failure
+    assert registry.loaded_versions("lenet") == ["1", "3"]
+    assert registry.latest("lenet").version == "3"
+    assert registry.ready and registry.readiness_problem() is None
+    assert registry.describe_version("lenet", "2")["state"] == "failed"
+    probabilities = registry.latest("lenet").predict(np.zeros((1, 3, 32, 32), np.float32))
+    assert probabilities.shape == (1, 4)
+
+
+def test_the_app_serves_when_one_version_fails_at_warm_up(make_client, lenet_store):
+    shutil.copytree(lenet_store / "lenet" / "1", lenet_store / "lenet" / "2")
+    fails_at_warm_up(lenet_store / "lenet" / "2")
+    client = make_client(MODEL_STORE=lenet_store, DEFAULT_MODEL="lenet")
+    assert client.get("/readyz").status_code == 200
+    versions = {v["version"]: v for v in client.get("/v1/models/lenet").get_json()["versions"]}
+    assert versions["1"]["state"] == "ready" and versions["2"]["state"] == "failed"
+    response = client.post("/v1/models/lenet/versions/2/classify", data=image_bytes(), content_type="image/png")
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "model_unavailable"
+    assert client.post("/v1/models/lenet/versions/1/classify", data=image_bytes(),
+                       content_type="image/png").status_code == 200
+
+
+# --- the request path reads one way -----------------------------------------------------------------------------------
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("view", sorted(p.name for p in (SERVICE / "api").glob("*.py")))
+def test_views_do_no_numpy_work_and_stay_out_of_registry_internals(view):
+    path = SERVICE / "api" / view
+    assert not imported_modules(path) & {"numpy", "onnxruntime", "PIL", "struct"}, f"{view} does array work"
+    attributes = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
+    assert not attributes & {"models", "failures", "session", "_load_one"}, f"{view} reaches into the registry"
