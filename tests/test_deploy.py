@@ -25,6 +25,10 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 PROM = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "convserve-dashboard.json"
+QUEUE_OVERLAY = K8S / "overlays" / "queue-autoscaling"
+ADAPTER_VALUES = QUEUE_OVERLAY / "prometheus-adapter" / "values.yaml"
+# The inference routes (route templates with classify, inspect or infer), as the shed-share rule and panel select them
+INFERENCE_ROUTES = 'route=~".*(classify|inspect|infer).*"'
 KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes minor the manifests target (all checks)
 NEWEST_KUBERNETES = "1.37.0"  # and the newest kubernetes-validate knows: nothing used is removed there either
 UID = 10001
@@ -159,6 +163,11 @@ def base_docs() -> list[dict]:
 @pytest.fixture(scope="module")
 def kserve_docs() -> list[dict]:
     return render(K8S / "overlays" / "kserve")
+
+
+@pytest.fixture(scope="module")
+def queue_docs() -> list[dict]:
+    return render(QUEUE_OVERLAY)
 
 
 @pytest.fixture(scope="module")
@@ -300,9 +309,11 @@ def test_base_image_script_uses_the_apt_mirror_and_a_temp_dir():
 
 def test_every_manifest_file_is_rendered():
     for kustomization in K8S.rglob("kustomization.yaml"):
-        listed = set(yaml.safe_load(kustomization.read_text()).get("resources", []))
+        config = yaml.safe_load(kustomization.read_text())
+        listed = set(config.get("resources", [])) | {patch["path"] for patch in config.get("patches", [])
+                                                     if "path" in patch}
         present = {path.name for path in kustomization.parent.glob("*.yaml")} - {"kustomization.yaml"}
-        assert present <= listed, f"{kustomization.parent}: files not in resources: {sorted(present - listed)}"
+        assert present <= listed, f"{kustomization.parent}: not in resources or patches: {sorted(present - listed)}"
 
 
 def test_kustomize_renders_the_expected_kinds(base_docs, kserve_docs):
@@ -315,12 +326,12 @@ def test_kustomize_renders_the_expected_kinds(base_docs, kserve_docs):
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "convserve"
 
 
-@pytest.mark.parametrize("version", [KUBERNETES_VERSION, NEWEST_KUBERNETES])
-def test_core_manifests_validate_against_kubernetes(all_docs, version):
+def validate_core_kinds(docs: list[dict], version: str) -> int:
+    """Validate every core-API object (strict: unknown fields fail); CRD kinds have their own field checks."""
     import kubernetes_validate
 
     checked = 0
-    for doc in all_docs:
+    for doc in docs:
         if doc["kind"] in CRD_KINDS:
             continue
         assert doc["kind"] in CORE_KINDS, f"unexpected kind {doc['kind']}"
@@ -330,7 +341,17 @@ def test_core_manifests_validate_against_kubernetes(all_docs, version):
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} is invalid for Kubernetes {version}: "
                         f"{exc.message} at {list(exc.path)}")
         checked += 1
-    assert checked == len(CORE_KINDS)
+    return checked
+
+
+@pytest.mark.parametrize("version", [KUBERNETES_VERSION, NEWEST_KUBERNETES])
+def test_core_manifests_validate_against_kubernetes(all_docs, version):
+    assert validate_core_kinds(all_docs, version) == len(CORE_KINDS)
+
+
+@pytest.mark.parametrize("version", [KUBERNETES_VERSION, NEWEST_KUBERNETES])
+def test_queue_autoscaling_overlay_validates_against_kubernetes(queue_docs, version):
+    assert validate_core_kinds(queue_docs, version) == len(CORE_KINDS)
 
 
 def test_kubernetes_validate_rejects_a_broken_deployment(base_docs):
@@ -500,7 +521,7 @@ def test_sizing_follows_the_measurements(all_docs):
         env = env_of(container)
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         assert int(env["WORKERS"]) == quantity(limits["cpu"]), f"{owner}: WORKERS must equal the CPU limit"
-        assert env["THREADS"] == "1" and env["ORT_INTRA_OP_THREADS"] == "1"
+        assert env["INFERENCE_THREADS"] == "1" and env["ORT_INTRA_OP_THREADS"] == "1"
         assert quantity(requests["cpu"]) >= 1
         assert quantity(limits["memory"]) >= int(env["WORKERS"]) * 250 * 2**20 + 256 * 2**20, \
             f"{owner}: memory limit below WORKERS x 250 MiB + master and upload headroom"
@@ -575,6 +596,71 @@ def test_service_hpa_pdb_and_monitor_select_the_pods(base_docs):
         "the commented custom-metric example"
 
 
+def pods_metrics(hpa: dict) -> dict[str, dict]:
+    return {metric["pods"]["metric"]["name"]: metric["pods"] for metric in hpa["spec"]["metrics"]
+            if metric["type"] == "Pods"}
+
+
+def test_queue_autoscaling_overlay_adds_queue_depth_to_the_hpa(base_docs, queue_docs):
+    """base, unchanged but for one more HPA metric: waiting requests per pod, from prometheus-adapter."""
+    assert sorted(doc["kind"] for doc in queue_docs) == sorted(doc["kind"] for doc in base_docs)
+    for doc in queue_docs:
+        if doc["kind"] != "HorizontalPodAutoscaler":
+            assert doc == by_kind(base_docs, doc["kind"]), f"the overlay changes {doc['kind']}"
+    hpa, base_hpa = by_kind(queue_docs, "HorizontalPodAutoscaler"), by_kind(base_docs, "HorizontalPodAutoscaler")
+    assert {**hpa["spec"], "metrics": None} == {**base_hpa["spec"], "metrics": None}
+    assert hpa["metadata"] == base_hpa["metadata"]
+    assert hpa["spec"]["metrics"][:-1] == base_hpa["spec"]["metrics"], "base's CPU metric stays"
+    assert hpa["spec"]["metrics"][-1]["type"] == "Pods"
+    queue = pods_metrics(hpa)["convserve_queue_depth"]
+    assert queue["target"]["type"] == "AverageValue"
+    assert "convserve_queue_depth" in exported_metric_names()
+    # Scale out well before a pod's queues fill (WORKERS x MAX_QUEUE waiting requests, then 503 queue_full).
+    from service.settings import Settings
+
+    env = env_of(by_kind(queue_docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(Settings)}
+    pod_queue = int(env["WORKERS"]) * int(env.get("MAX_QUEUE") or defaults["MAX_QUEUE"])
+    assert 0 < quantity(queue["target"]["averageValue"]) <= pod_queue / 4
+
+
+def test_prometheus_adapter_rule_serves_the_hpa_metric(queue_docs, tmp_path):
+    """The adapter rule exposes each Pods metric the overlay's HPA reads, from an exported metric, per pod; its
+    metricsQuery is valid PromQL once the adapter fills in its template."""
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    exposed = {}
+    for rule in rules:
+        check_keys("adapter rule", rule, {"seriesQuery", "seriesFilters", "resources", "name", "metricsQuery"},
+                   {"seriesQuery", "resources", "name", "metricsQuery"})
+        (series,) = promql_metric_names(rule["seriesQuery"])
+        assert series in exported_metric_names(), f"the adapter rule reads {series}, which the service does not export"
+        assert 'namespace!=""' in rule["seriesQuery"] and 'pod!=""' in rule["seriesQuery"]
+        assert rule["resources"] == {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}}
+        matches = rule["name"]["matches"]
+        assert re.search(matches, series)
+        rename = rule["name"].get("as") or "$0"  # the adapter's default without a capture group
+        name = re.sub(matches, re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", rename), series)  # Go's $1 is Python's \g<1>
+        exposed[name] = rule
+    wanted = pods_metrics(by_kind(queue_docs, "HorizontalPodAutoscaler"))
+    missing = set(wanted) - set(exposed)
+    assert not missing, f"the HPA reads metrics no adapter rule exposes: {sorted(missing)}"
+
+    queries = []
+    for name, rule in exposed.items():
+        (series,) = promql_metric_names(rule["seriesQuery"])
+        query = rule["metricsQuery"]
+        for placeholder, value in {"<<.Series>>": series, "<<.LabelMatchers>>": 'namespace="ns", pod=~"a|b"',
+                                   "<<.GroupBy>>": "pod"}.items():
+            query = query.replace(placeholder, value)
+        assert "<<" not in query, f"{name}: unknown template placeholder in {rule['metricsQuery']}"
+        assert "by (pod)" in query, f"{name}: one value per pod (<<.GroupBy>>)"
+        queries.append({"record": f"adapter:{name}", "expr": query})
+    path = tmp_path / "adapter_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": queries}]}))
+    result = run([promtool(), "check", "rules", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # ---- Prometheus ------------------------------------------------------------------------------------------------------
 
 def promtool() -> str:
@@ -608,12 +694,25 @@ def test_prometheus_scrapes_the_service():
 def test_the_required_alerts_exist():
     alerts = {rule["alert"]: rule for group in rule_groups() for rule in group["rules"] if "alert" in rule}
     assert {"ConvserveHighErrorRate", "ConvserveHighLatencyP99", "ConvserveNoReadyReplica",
-            "ConvserveModelLoadFailures"} <= set(alerts)
+            "ConvserveModelLoadFailures", "ConvserveSheddingLoad"} <= set(alerts)
     assert "convserve_ready" in alerts["ConvserveNoReadyReplica"]["expr"]
     assert "up{" in alerts["ConvserveNoReadyReplica"]["expr"]
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("critical", "warning"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+
+
+def test_shedding_alert_is_the_shed_share_of_inference_requests():
+    """ConvserveSheddingLoad: shed over the inference routes' requests (not health checks), > 5% for 10 minutes."""
+    rules = {rule.get("alert") or rule["record"]: rule for group in rule_groups() for rule in group["rules"]}
+    alert = rules["ConvserveSheddingLoad"]
+    assert alert["for"] == "10m" and alert["labels"]["severity"] == "warning"
+    ratio = re.fullmatch(r"(\S+) > 0\.05", alert["expr"]).group(1)
+    shed, inference = (name.strip() for name in rules[ratio]["expr"].split(" / "))
+    assert "rate(convserve_shed_total{" in rules[shed]["expr"] and "[5m]" in rules[shed]["expr"]
+    assert "convserve_requests_total{" in rules[inference]["expr"] and INFERENCE_ROUTES in rules[inference]["expr"]
+    for word in ("MAX_QUEUE", "QUEUE_TIMEOUT", "maxReplicas"):
+        assert word in alert["annotations"]["description"], f"the description should say what to do ({word})"
 
 
 def test_every_alert_is_tested_firing_and_not_firing():
@@ -665,6 +764,13 @@ def test_dashboard_is_importable():
 
     walk(board["panels"])
     assert len(panel_ids) == len(set(panel_ids)), "panel ids must be unique"
+    boxes = [(panel["title"], panel["gridPos"]) for panel in board["panels"]]
+    for i, (title, a) in enumerate(boxes):
+        assert a["x"] >= 0 and a["x"] + a["w"] <= 24, f"{title} is outside the 24-column grid"
+        for other, b in boxes[i + 1:]:
+            overlap = (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
+                       and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
+            assert not overlap, f"panels {title!r} and {other!r} overlap"
     for variable in board["templating"]["list"]:
         if variable["type"] == "query":
             assert variable["datasource"]["uid"] == "${DS_PROMETHEUS}"
@@ -699,6 +805,19 @@ def test_dashboard_panels_cover_the_brief():
     assert "status=~\"5..\"" in exprs["Error ratio"]
     assert "convserve_batch_size" in exprs["Average batch size by model"]
     assert "convserve_requests_in_flight" in exprs["Requests in flight by pod"]
+    # queue and load shedding
+    queue_row = next(panel for panel in dashboard()["panels"] if panel["title"] == "Queue and load shedding")
+    assert queue_row["type"] == "row"
+    assert "convserve_queue_depth" in exprs["Queue depth and inference threads (all pods)"]
+    assert "convserve_inference_threads" in exprs["Queue depth and inference threads (all pods)"]
+    assert "sum by (instance) (convserve_queue_depth" in exprs["Queue depth and inference threads by pod"]
+    assert "sum by (instance) (convserve_inference_threads" in exprs["Queue depth and inference threads by pod"]
+    for quantile in ("0.5", "0.99"):
+        assert re.search(rf"histogram_quantile\({quantile}, sum by \(le\) \(rate\(convserve_queue_wait_seconds_bucket",
+                         exprs["Queue wait p50 / p99"])
+    assert "sum by (reason) (rate(convserve_shed_total" in exprs["Shed requests/s by reason"]
+    share = exprs["Shed share of inference requests"]
+    assert "convserve_shed_total" in share and INFERENCE_ROUTES in share, "the same share as ConvserveSheddingLoad"
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path):
