@@ -26,7 +26,9 @@ class InferencePipeline:
 
     # the entry points: each runs on an inference thread ------------------------------------------------------------
     def classify(self, model: OnnxModel, images: list[bytes], top_k: int | None) -> dict:
-        return self.queue.run(self._classify, model, images, top_k)
+        """Requests for the same model version that wait together share one ONNX Runtime call."""
+        return self.queue.run_batched((model.name, model.version), self._classify_batch, model, images, top_k,
+                                      size=len(images))
 
     def inspect(self, model: OnnxModel, image: bytes, class_label: str | None) -> dict:
         return self.queue.run(self._inspect, model, image, class_label)
@@ -39,10 +41,26 @@ class InferencePipeline:
         return self.queue.run(self._infer, model, request, binary)
 
     # classify -------------------------------------------------------------------------------------------------
-    def _classify(self, model: OnnxModel, images: list[bytes], top_k: int | None) -> dict:
-        probabilities = self.predict(model, self.preprocess(model, images))
-        return {"model": model.name, "version": model.version,
-                "predictions": [prediction(model.labels, row, top_k) for row in probabilities]}
+    def _classify_batch(self, requests: list[tuple[OnnxModel, list[bytes], int | None]]) -> list:
+        """Several classify requests → one answer (or the client error of its own images) each, in order."""
+        model = requests[0][0]
+        batches: list[np.ndarray | ServiceError] = []
+        for _, images, _ in requests:
+            try:
+                batches.append(self.preprocess(model, images))
+            except ServiceError as error:  # one request's bad image fails that request only
+                batches.append(error)
+        good = [batch for batch in batches if isinstance(batch, np.ndarray)]
+        probabilities = iter(np.split(self.predict(model, np.concatenate(good)),
+                                      np.cumsum([len(b) for b in good])[:-1])) if good else iter(())
+        answers = []
+        for (_, _, top_k), batch in zip(requests, batches):
+            if isinstance(batch, ServiceError):
+                answers.append(batch)
+                continue
+            answers.append({"model": model.name, "version": model.version,
+                            "predictions": [prediction(model.labels, row, top_k) for row in next(probabilities)]})
+        return answers
 
     def preprocess(self, model: OnnxModel, images: list[bytes]) -> np.ndarray:
         started = time.perf_counter()

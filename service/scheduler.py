@@ -1,17 +1,21 @@
-"""The inference queue: CPU work runs on a few real threads per worker, behind a bounded, timed queue.
+"""The inference queue: CPU work runs on a few real threads per worker, behind a bounded, timed, batching queue.
 
 Under the gevent worker (service/worker.py) each connection is a greenlet, so idle and slow clients cost a few kB,
 and health probes are answered by the event loop. CPU work (decoding, preprocessing, ONNX Runtime) must not run on
 that loop, or one large JPEG would stall every connection: it runs on ``threads`` real threads instead. Pillow and
 ONNX Runtime release the GIL while they work, so those threads use the cores while the loop keeps answering.
 
-Requests wait for a thread in FIFO order. Two limits keep the wait bounded and the answer prompt:
-``max_queue`` waiting requests (more are shed at once, before their body is even read) and ``queue_timeout``
-seconds of waiting (then shed). A shed request gets 503 ``overloaded`` with ``Retry-After``; an accepted one
-finishes within ``queue_timeout`` + its own service time.
+Jobs wait in FIFO order. Two limits keep the wait bounded and the answer prompt: ``max_queue`` waiting jobs (more
+are shed at once, before their body is even read) and ``queue_timeout`` seconds of waiting (then shed). A shed
+request gets 503 ``overloaded`` with ``Retry-After``; an accepted one finishes within ``queue_timeout`` + its own
+service time.
 
-Outside gevent (the Flask test client, a sync worker) the same class runs the work inline on the calling thread,
-with the same limits, so every code path is the same one.
+Dynamic batching: when a thread takes a job that has a batch key, it also takes every waiting job with the same key
+(up to ``max_batch`` items) and runs them as one call, so one ONNX Runtime run and one hand-over to the thread serve
+them all (README "Performance" has the gain). A lone request is never delayed to wait for company.
+
+Outside gevent (the Flask test client, a sync worker) the same class runs the work on the calling thread, with the
+same limits and batching, so every code path is the same one.
 """
 
 from __future__ import annotations
@@ -19,13 +23,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any
 
 from service import metrics
 from service.errors import Overloaded
-
-T = TypeVar("T")
 
 
 def gevent_active() -> bool:
@@ -37,51 +39,134 @@ def gevent_active() -> bool:
     return monkey.is_module_patched("socket")
 
 
+class Job:
+    """One request's work. ``state``: waiting → leading (it runs, with any batch it gathered) or batched (a leader
+    runs it) → done. Its event is set when it may lead or when its result is ready."""
+
+    __slots__ = ("batch_key", "size", "work", "args", "event", "state", "result", "error", "queued")
+
+    def __init__(self, work: Callable, args: tuple, batch_key: Hashable | None, size: int, event):
+        self.work, self.args, self.batch_key, self.size, self.event = work, args, batch_key, size, event
+        self.state = "waiting"
+        self.queued = time.perf_counter()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def outcome(self):
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 class InferenceQueue:
-    def __init__(self, threads: int, max_queue: int, queue_timeout: float):
+    def __init__(self, threads: int, max_queue: int, queue_timeout: float, max_batch: int = 64):
         self.threads = threads
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
-        self.waiting = 0
-        self._count_lock = threading.Lock()  # only contended outside gevent, where threads share the queue
+        self.max_batch = max_batch
+        self.free = threads
+        self.waiting: deque[Job] = deque()
+        self.lock = threading.Lock()  # only contended outside gevent; under gevent only the event loop takes it
         if gevent_active():
             from gevent.event import Event
             from gevent.threadpool import ThreadPool
 
-            self._slots = FairSlots(threads, Event)
+            self._make_event = Event
             self._execute = ThreadPool(threads).apply
         else:
-            self._slots = FairSlots(threads, threading.Event)
+            self._make_event = threading.Event
             self._execute = _call
         metrics.INFERENCE_THREADS.set(threads)
 
     def admit(self) -> None:
         """Shed now if the queue is full: called before the request body is read, so a flood costs us nothing."""
-        if self.waiting >= self.max_queue:
-            self._shed("queue_full", f"{self.waiting} requests are already waiting for an inference thread "
+        if len(self.waiting) >= self.max_queue:
+            self._shed("queue_full", f"{len(self.waiting)} requests are already waiting for an inference thread "
                                      f"(MAX_QUEUE={self.max_queue}).")
 
-    def run(self, work: Callable[..., T], *args) -> T:
-        """Wait for a thread (at most ``queue_timeout``), then run ``work(*args)`` on it and return its result."""
-        self.admit()
-        self._add_waiting(1)
-        queued = time.perf_counter()
-        try:
-            acquired = self._slots.acquire(timeout=self.queue_timeout)
-        finally:
-            self._add_waiting(-1)
-            metrics.QUEUE_WAIT.observe(time.perf_counter() - queued)
-        if not acquired:
-            self._shed("queue_timeout", f"no inference thread was free within QUEUE_TIMEOUT={self.queue_timeout:g} s.")
-        try:
-            return self._execute(work, args)
-        finally:
-            self._slots.release()
+    def run(self, work: Callable, *args) -> Any:
+        """Run ``work(*args)`` on an inference thread, after at most ``queue_timeout`` of waiting; its result."""
+        return self._submit(Job(work, args, None, 1, self._make_event()))
 
-    def _add_waiting(self, delta: int) -> None:
-        with self._count_lock:
-            self.waiting += delta
-        metrics.QUEUE_DEPTH.inc(delta)
+    def run_batched(self, batch_key: Hashable, batch_work: Callable[[list[tuple]], list], *args, size: int = 1):
+        """Like ``run``, but jobs with the same ``batch_key`` that wait together run as one
+        ``batch_work([args, ...])``, which returns one result (or exception instance) per job, in order."""
+        return self._submit(Job(batch_work, args, batch_key, size, self._make_event()))
+
+    # internals -----------------------------------------------------------------------------------------------------
+    def _submit(self, job: Job):
+        with self.lock:
+            if self.free > 0 and not self.waiting:
+                self.free -= 1
+                job.state = "leading"
+            else:
+                self.admit()
+                self.waiting.append(job)
+                metrics.QUEUE_DEPTH.inc()
+        if job.state == "waiting":
+            job.event.wait(self.queue_timeout)
+            with self.lock:
+                if job.state == "waiting":  # no thread took it in time
+                    self.waiting.remove(job)
+                    metrics.QUEUE_DEPTH.dec()
+                    metrics.QUEUE_WAIT.observe(time.perf_counter() - job.queued)
+                    self._shed("queue_timeout", f"no inference thread was free within "
+                                                f"QUEUE_TIMEOUT={self.queue_timeout:g} s.")
+            if job.state in ("batched", "done"):
+                job.event.wait()  # started: the leader sets it once the result is in
+                return job.outcome()
+        metrics.QUEUE_WAIT.observe(time.perf_counter() - job.queued)
+        return self._lead(job)
+
+    def _lead(self, job: Job):
+        batch = self._gather(job)
+        try:
+            if job.batch_key is None:
+                job.result = self._execute(job.work, job.args)
+            else:
+                outcomes = self._execute(job.work, ([member.args for member in batch],))
+                for member, outcome in zip(batch, outcomes):
+                    if isinstance(outcome, BaseException):
+                        member.error = outcome
+                    else:
+                        member.result = outcome
+        except BaseException as error:  # the whole call failed: every member gets the error
+            for member in batch:
+                member.error = error
+        finally:
+            for member in batch[1:]:
+                member.state = "done"
+                member.event.set()
+            self._release()
+        return job.outcome()
+
+    def _gather(self, leader: Job) -> list[Job]:
+        """The leader and every waiting job with its batch key, oldest first, up to ``max_batch`` items."""
+        batch = [leader]
+        if leader.batch_key is None:
+            return batch
+        size = leader.size
+        with self.lock:
+            for other in list(self.waiting):
+                if other.batch_key == leader.batch_key and size + other.size <= self.max_batch:
+                    self.waiting.remove(other)
+                    metrics.QUEUE_DEPTH.dec()
+                    other.state = "batched"
+                    metrics.QUEUE_WAIT.observe(time.perf_counter() - other.queued)
+                    size += other.size
+                    batch.append(other)
+        return batch
+
+    def _release(self) -> None:
+        """Hand the thread to the oldest waiting job (no barging), or free it."""
+        with self.lock:
+            if self.waiting:
+                successor = self.waiting.popleft()
+                metrics.QUEUE_DEPTH.dec()
+                successor.state = "leading"
+                successor.event.set()
+            else:
+                self.free += 1
 
     @staticmethod
     def _shed(reason: str, detail: str) -> None:
@@ -90,38 +175,5 @@ class InferenceQueue:
                          "or send to another replica.", reason=reason)
 
 
-class FairSlots:
-    """A semaphore that serves waiters first come, first served. A released slot is handed to the oldest waiter
-    directly; gevent's and threading's semaphores let the releasing client take it straight back, which starved
-    some requests for hundreds of milliseconds at 8 connections."""
-
-    def __init__(self, count: int, make_event: Callable):
-        self.free = count
-        self.waiters: deque = deque()
-        self.make_event = make_event
-        self.lock = threading.Lock()
-
-    def acquire(self, timeout: float) -> bool:
-        with self.lock:
-            if self.free > 0 and not self.waiters:
-                self.free -= 1
-                return True
-            ticket = self.make_event()
-            self.waiters.append(ticket)
-        ticket.wait(timeout)
-        with self.lock:
-            if ticket.is_set():
-                return True  # granted, possibly just as the wait timed out
-            self.waiters.remove(ticket)
-            return False
-
-    def release(self) -> None:
-        with self.lock:
-            if self.waiters:
-                self.waiters.popleft().set()
-            else:
-                self.free += 1
-
-
-def _call(work: Callable[..., T], args: tuple) -> T:
+def _call(work: Callable, args: tuple):
     return work(*args)

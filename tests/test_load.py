@@ -263,3 +263,33 @@ def test_sigterm_under_load_loses_nothing_for_clients_that_honour_readiness(tmp_
     assert not_ready.is_set()
     assert outcomes and set(outcomes) == {200}, [o for o in outcomes if o != 200][:5]
     assert len(outcomes) > 50
+
+
+def test_concurrent_requests_batched_together_get_their_own_answers(tmp_path):
+    """Requests that wait together share one ONNX Runtime call; each still gets exactly its own probabilities."""
+    server = GunicornServer(tmp_path, WORKERS=1, INFERENCE_THREADS=1, DEFAULT_MODEL="convnet")
+    try:
+        server.wait_ready()
+        bodies = [[image_bytes("JPEG", 320, 240, seed=seed) for seed in range(count)] for count in (1, 3, 2, 1) * 6]
+
+        def post(images):
+            files = [("image", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+            response = requests.post(f"{server.url}/v1/classify", files=files, timeout=30)
+            assert response.status_code == 200, response.text
+            return [p["probabilities"] for p in response.json()["predictions"]]
+
+        alone = [post(images) for images in bodies[:4]]
+        with ThreadPoolExecutor(24) as pool:
+            together = list(pool.map(post, bodies))
+        for index, answer in enumerate(together):
+            expected = alone[index % 4]
+            assert len(answer) == len(expected)
+            for got, want in zip(answer, expected):
+                assert got == pytest.approx(want, abs=1e-5)
+        text = requests.get(f"{server.url}/metrics", timeout=5).text
+        calls = metric_value(text, "convserve_batch_size_count", model="convnet")
+        images = metric_value(text, "convserve_batch_size_sum", model="convnet")
+        assert images == sum(len(b) for b in bodies[:4]) + sum(len(b) for b in bodies)
+        assert calls < 4 + len(bodies)  # some requests shared a call
+    finally:
+        server.stop()

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 from service import metrics
 from service.errors import Overloaded
 from service.registry import ModelRegistry
-from service.scheduler import FairSlots, InferenceQueue
+from service.scheduler import InferenceQueue
 from service.settings import Settings, available_cpus
 from tests.helpers import image_bytes
 
@@ -28,40 +28,86 @@ SERVICE = Path(__file__).resolve().parent.parent / "service"
 
 # --- the queue --------------------------------------------------------------------------------------------------------
 
-def test_slots_are_handed_out_first_come_first_served():
-    slots = FairSlots(1, threading.Event)
-    assert slots.acquire(timeout=1)
-    order, started = [], []
+def hold_the_thread(queue: InferenceQueue) -> tuple[threading.Thread, threading.Event]:
+    """Occupy the queue's only thread until the returned event is set."""
+    release, running = threading.Event(), threading.Event()
 
-    def waiter(index):
-        started.append(index)
-        assert slots.acquire(timeout=5)
-        order.append(index)
-        slots.release()
+    def hold():
+        running.set()
+        release.wait(5)
 
-    threads = []
-    for index in range(5):
-        thread = threading.Thread(target=waiter, args=(index,))
-        thread.start()
-        threads.append(thread)
-        while len(started) <= index or len(slots.waiters) <= index:  # each is queued before the next starts
-            time.sleep(0.001)
-    slots.release()
-    for thread in threads:
+    holder = threading.Thread(target=queue.run, args=(hold,))
+    holder.start()
+    assert running.wait(5)
+    return holder, release
+
+
+def enqueue(queue: InferenceQueue, submit) -> tuple[threading.Thread, list]:
+    """Start ``submit()`` on a thread and return once its job waits in the queue."""
+    waiting_before, outcome = len(queue.waiting), []
+
+    def target():
+        try:
+            outcome.append(submit())
+        except Exception as error:  # noqa: BLE001 - handed to the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    while len(queue.waiting) <= waiting_before:
+        time.sleep(0.001)
+    return thread, outcome
+
+
+def test_jobs_start_first_come_first_served():
+    queue = InferenceQueue(threads=1, max_queue=10, queue_timeout=5)
+    holder, release = hold_the_thread(queue)
+    order = []
+    waiters = [enqueue(queue, lambda i=i: queue.run(order.append, i))[0] for i in range(5)]
+    release.set()
+    for thread in [holder, *waiters]:
         thread.join(5)
     assert order == [0, 1, 2, 3, 4]
-    assert slots.free == 1 and not slots.waiters
+    assert queue.free == 1 and not queue.waiting
 
 
-def test_a_waiter_that_times_out_leaves_the_queue():
-    slots = FairSlots(1, threading.Event)
-    assert slots.acquire(timeout=1)
-    started = time.monotonic()
-    assert slots.acquire(timeout=0.05) is False
-    assert time.monotonic() - started >= 0.05
-    assert not slots.waiters
-    slots.release()
-    assert slots.free == 1
+def test_jobs_that_wait_together_for_one_model_run_as_one_batch():
+    queue = InferenceQueue(threads=1, max_queue=10, queue_timeout=5, max_batch=5)
+    calls = []
+
+    def batch_work(requests):
+        calls.append([name for name, _ in requests])
+        return [ValueError(f"bad {name}") if name == "b" else name.upper() * size for name, size in requests]
+
+    holder, release = hold_the_thread(queue)
+    submitted = [enqueue(queue, lambda n=n, k=k, size=size: queue.run_batched(k, batch_work, n, size, size=size))
+                 for n, k, size in (("a", "m1", 1), ("x", "m2", 1), ("b", "m1", 2), ("c", "m1", 2), ("d", "m1", 1))]
+    release.set()
+    for thread, _ in submitted:
+        thread.join(5)
+    holder.join(5)
+    outcomes = [outcome[0] for _, outcome in submitted]
+    assert outcomes[0] == "A" and outcomes[1] == "X" and outcomes[3] == "CC" and outcomes[4] == "D"
+    assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "bad b"  # its own error, nobody else's
+    # a, b and c fit in max_batch=5 together; d would make 6 and waits for the next call, after x
+    assert calls == [["a", "b", "c"], ["x"], ["d"]]
+    assert queue.free == 1 and not queue.waiting
+
+
+def test_a_failing_batch_call_fails_each_of_its_jobs_and_frees_the_thread():
+    queue = InferenceQueue(threads=1, max_queue=10, queue_timeout=5)
+
+    def broken(requests):
+        raise RuntimeError("the model broke")
+
+    holder, release = hold_the_thread(queue)
+    submitted = [enqueue(queue, lambda: queue.run_batched("m", broken, None)) for _ in range(3)]
+    release.set()
+    for thread, _ in submitted:
+        thread.join(5)
+    holder.join(5)
+    assert all(isinstance(outcome[0], RuntimeError) for _, outcome in submitted)
+    assert queue.run(lambda: "free") == "free"
 
 
 def shed_count(reason: str) -> float:
@@ -83,7 +129,7 @@ def test_a_full_queue_sheds_at_once_with_a_retryable_error():
     assert running.wait(5)
     second = threading.Thread(target=lambda: results.append(queue.run(lambda: "queued")))
     second.start()
-    while queue.waiting < 1:
+    while len(queue.waiting) < 1:
         time.sleep(0.001)
     before = shed_count("queue_full")
     started = time.monotonic()
@@ -99,7 +145,7 @@ def test_a_full_queue_sheds_at_once_with_a_retryable_error():
     release.set()
     first.join(5)
     second.join(5)
-    assert results == ["held", "queued"] and queue.waiting == 0
+    assert results == ["held", "queued"] and not queue.waiting
 
 
 def test_a_request_that_waits_past_queue_timeout_is_shed():
