@@ -1,9 +1,13 @@
-"""Benchmark the service as deployed (gunicorn with its config file), driven by wrk from another process.
+"""Benchmark the service as deployed (gunicorn with its config file), driven by wrk and probes from other processes.
 
-For each image (a small PNG and a 1920x1080 JPEG) and concurrency (1, 8, 32) it reports req/s, p50 and p99, next to
-the in-process limit measured in the same run: the same decode + preprocessing + ONNX Runtime work in as many
-processes as there are workers, with no HTTP. It also reports single-image ONNX Runtime latency on one thread,
-inspect latency, and classify throughput again after inspect has been used (inspection must cost classify nothing).
+Throughput: for each image (a small PNG and a 1920x1080 JPEG) and concurrency (1, 8, 32), req/s, p50 and p99 of
+the service as shipped (gevent workers, bounded inference queue) and of the former configuration (sync workers) in
+the same run, next to the in-process limit: the same decode + preprocessing + ONNX Runtime work in as many processes
+as there are workers, with no HTTP.
+Hostile load: throughput at 8 connections while 300 connections trickle bodies at 1 byte/s, and health/metrics
+latency from outside; 512 connections posting 1920x1080 JPEGs (4x overload): shedding, wrk time-outs and errors,
+health/metrics latency. Faults: kill -9 of a worker under load, SIGTERM under load with a drain.
+Also single-image ONNX Runtime latency, inspect latency, and classify throughput after inspect has been used.
 Results go to bench/results/bench-<time>.json. Timings are compared only as ratios taken within one run.
 """
 
@@ -14,12 +18,12 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import shutil
+import signal
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,16 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.inprocess import in_process_worker  # noqa: E402
+from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
-from tests.helpers import GunicornServer, encode, pattern  # noqa: E402
+from tests.helpers import GunicornServer, encode, metric_value, pattern  # noqa: E402
 
-WRK_SCRIPT = """
-local f = io.open(os.getenv("BENCH_BODY"), "rb")
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = os.getenv("BENCH_TYPE")
-"""
+SYNC_BASELINE = ("--worker-class", "sync")  # the configuration before the gevent worker, kept as a baseline
 
 
 def bench_images() -> dict[str, tuple[bytes, str]]:
@@ -50,27 +49,6 @@ def bench_images() -> dict[str, tuple[bytes, str]]:
         "32x32 PNG": (encode(pattern(32, 32, seed=2), "PNG"), "image/png"),
         "1920x1080 JPEG": (encode(photo, "JPEG", quality=90), "image/jpeg"),
     }
-
-
-def parse_wrk(output: str) -> dict:
-    def latency_ms(label: str) -> float:
-        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
-        value, unit = float(match.group(1)), match.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    requests_per_s = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
-    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    errors = re.search(r"Socket errors: (.*)", output)
-    return {"req_per_s": requests_per_s, "p50_ms": latency_ms("50"), "p99_ms": latency_ms("99"),
-            "non_2xx": int(non_2xx.group(1)) if non_2xx else 0, "socket_errors": errors.group(1) if errors else ""}
-
-
-def run_wrk(url: str, body_path: Path, content_type: str, connections: int, seconds: float, script: Path) -> dict:
-    command = ["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
-               "--latency", "-s", str(script), url]
-    env = dict(os.environ, BENCH_BODY=str(body_path), BENCH_TYPE=content_type)
-    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    return parse_wrk(output)
 
 
 def in_process_limit(folder: Path, payload: bytes, processes: int, seconds: float) -> float:
@@ -113,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     store = REPO / "model_store"
     folder = latest_version(store, args.model)
-    connections = [int(c) for c in args.connections.split(",")]
     work = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
-    script = work / "post.lua"
-    script.write_text(WRK_SCRIPT)
+    wrk = Wrk(work)
+    images = bench_images()
     results = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                            "python": platform.python_version()},
@@ -124,43 +101,25 @@ def main(argv: list[str] | None = None) -> int:
                "seconds_per_case": args.seconds, "cases": [], "onnx_latency_ms": {}, "inspect": {}}
     for name in sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")):
         results["onnx_latency_ms"][name] = round(single_image_latency_ms(latest_version(store, name)), 3)
-    server = GunicornServer(work, WORKERS=args.workers, THREADS=1)
+    limits = {label: in_process_limit(folder, payload, args.workers, args.seconds)
+              for label, (payload, _) in images.items()}
+    for folder in ("served", "baseline", "drain"):
+        (work / folder).mkdir()
+    served = GunicornServer(work / "served", WORKERS=args.workers)
+    baseline = GunicornServer(work / "baseline", gunicorn_args=SYNC_BASELINE, WORKERS=args.workers)
     try:
-        server.wait_ready()
-        url = f"{server.url}/v1/models/{args.model}/classify"
-        for label, (payload, content_type) in bench_images().items():
-            body_path = work / f"body-{len(payload)}"
-            body_path.write_bytes(payload)
-            limit = in_process_limit(folder, payload, args.workers, args.seconds)
-            for count in connections:
-                measured = run_wrk(url, body_path, content_type, count, args.seconds, script)
-                measured.update(image=label, connections=count, in_process_limit=round(limit, 1),
-                                ratio=round(measured["req_per_s"] / limit, 3))
-                results["cases"].append(measured)
-                print(f"  {label:15s} c={count:<3d} {measured['req_per_s']:8.1f} req/s  p50 {measured['p50_ms']:6.2f}"
-                      f" ms  p99 {measured['p99_ms']:7.2f} ms  limit {limit:8.1f}/s  ratio {measured['ratio']:.2f}",
-                      flush=True)
-        small, small_type = bench_images()["32x32 PNG"]
-        for name in results["onnx_latency_ms"]:
-            timings = []
-            for _ in range(30):
-                started = time.perf_counter()
-                response = requests.post(f"{server.url}/v1/models/{name}/inspect", data=small,
-                                         headers={"Content-Type": small_type}, timeout=30)
-                timings.append((time.perf_counter() - started) * 1000)
-                response.raise_for_status()
-            results["inspect"][name] = {"p50_ms": round(statistics.median(timings[5:]), 2),
-                                        "max_ms": round(max(timings[5:]), 2)}
-        body_path = work / "small.png"
-        body_path.write_bytes(small)
-        after = run_wrk(url, body_path, small_type, 8, args.seconds, script)
-        before = next(c for c in results["cases"] if c["image"] == "32x32 PNG" and c["connections"] == 8)
-        results["classify_after_inspect"] = {"req_per_s_before": before["req_per_s"],
-                                             "req_per_s_after": after["req_per_s"],
-                                             "ratio": round(after["req_per_s"] / before["req_per_s"], 3)}
+        served.wait_ready()
+        baseline.wait_ready()
+        results["cases"] = throughput(wrk, served, baseline, images, limits, args)
+        results["inspect"], results["classify_after_inspect"] = inspect_cases(wrk, served, images, args)
+        results["slow_clients"] = slow_clients(wrk, served, images, args)
+        results["overload"] = overload(wrk, served, images, args)
+        results["kill_9"] = kill_worker_under_load(wrk, served, images, args)
     finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        served.stop()
+        baseline.stop()
+    results["sigterm_drain"] = sigterm_under_load(work, images, args)
+    shutil.rmtree(work, ignore_errors=True)
     print_table(results)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
@@ -169,14 +128,150 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def classify_url(server: GunicornServer, model: str) -> str:
+    return f"{server.url}/v1/models/{model}/classify"
+
+
+def throughput(wrk: Wrk, served, baseline, images, limits, args) -> list[dict]:
+    """Each case runs on the served configuration, then at once on the baseline: a ratio of neighbours."""
+    cases = []
+    for label, (payload, content_type) in images.items():
+        for count in (int(c) for c in args.connections.split(",")):
+            now = wrk.run(classify_url(served, args.model), payload, content_type, count, args.seconds)
+            before = wrk.run(classify_url(baseline, args.model), payload, content_type, count, args.seconds)
+            limit = limits[label]
+            case = {"image": label, "connections": count, "in_process_limit": round(limit, 1), **now,
+                    "ratio_to_limit": round(now["req_per_s"] / limit, 3),
+                    "baseline": before, "ratio_to_baseline": round(now["req_per_s"] / before["req_per_s"], 3)}
+            cases.append(case)
+            print(f"  {label:15s} c={count:<3d} {now['req_per_s']:7.1f} req/s (sync baseline "
+                  f"{before['req_per_s']:7.1f}, x{case['ratio_to_baseline']:.2f})  p99 {now['p99_ms']:7.2f} ms "
+                  f"(baseline {before['p99_ms']:7.2f})  limit {limit:7.1f}/s  ratio {case['ratio_to_limit']:.2f}",
+                  flush=True)
+    return cases
+
+
+def inspect_cases(wrk: Wrk, server, images, args) -> tuple[dict, dict]:
+    small, small_type = images["32x32 PNG"]
+    inspect = {}
+    for name in sorted(p.name for p in (REPO / "model_store").iterdir() if p.is_dir() and not p.name.startswith(".")):
+        timings = []
+        for _ in range(30):
+            started = time.perf_counter()
+            response = requests.post(f"{server.url}/v1/models/{name}/inspect", data=small,
+                                     headers={"Content-Type": small_type}, timeout=30)
+            timings.append((time.perf_counter() - started) * 1000)
+            response.raise_for_status()
+        inspect[name] = {"p50_ms": round(statistics.median(timings[5:]), 2), "max_ms": round(max(timings[5:]), 2)}
+    before = wrk.run(classify_url(server, args.model), small, small_type, 8, args.seconds)
+    after = wrk.run(classify_url(server, args.model), small, small_type, 8, args.seconds)
+    return inspect, {"req_per_s_before": before["req_per_s"], "req_per_s_after": after["req_per_s"],
+                     "ratio": round(after["req_per_s"] / before["req_per_s"], 3)}
+
+
+def slow_clients(wrk: Wrk, server, images, args, trickling: int = 300) -> dict:
+    """Throughput at 8 connections with and without 300 connections trickling a body at 1 byte/s."""
+    payload, content_type = images["32x32 PNG"]
+    url = classify_url(server, args.model)
+    without = wrk.run(url, payload, content_type, 8, args.seconds)
+    with Tricklers(server.port, trickling) as tricklers, HealthProbe(server.port) as probe:
+        time.sleep(1.0)
+        loaded = wrk.run(url, payload, content_type, 8, args.seconds)
+        reopened = tricklers.reopened
+    result = {"trickling_connections": trickling, "without": without, "with": loaded,
+              "ratio": round(loaded["req_per_s"] / without["req_per_s"], 3), "health": probe.summary(),
+              "trickling_closed_by_server": reopened}
+    print(f"  slow clients: {loaded['req_per_s']:.1f} req/s with {trickling} trickling connections vs "
+          f"{without['req_per_s']:.1f} without (x{result['ratio']:.2f}); /healthz p99 "
+          f"{result['health']['/healthz']['p99_ms']} ms", flush=True)
+    return result
+
+
+def overload(wrk: Wrk, server, images, args, connections: int = 512) -> dict:
+    """512 connections posting 1920x1080 JPEGs: what is shed, what times out, and how health answers meanwhile."""
+    payload, content_type = images["1920x1080 JPEG"]
+    before = requests.get(f"{server.url}/metrics", timeout=10).text
+    with HealthProbe(server.port) as probe:
+        loaded = wrk.run(classify_url(server, args.model), payload, content_type, connections,
+                         max(args.seconds, 10))
+    after = requests.get(f"{server.url}/metrics", timeout=10).text
+    shed = {reason: metric_value(after, "convserve_shed_total", reason=reason)
+            - metric_value(before, "convserve_shed_total", reason=reason) for reason in ("queue_full", "queue_timeout")}
+    result = {"connections": connections, "wrk": loaded, "shed": shed, "health": probe.summary()}
+    print(f"  overload c={connections}: {loaded['req_per_s']:.1f} req/s, {loaded['non_2xx']} shed (503), "
+          f"{loaded['timeouts']} time-outs, {loaded['connection_errors']} connection errors; p99 /healthz "
+          f"{result['health']['/healthz']['p99_ms']} /readyz {result['health']['/readyz']['p99_ms']} /metrics "
+          f"{result['health']['/metrics']['p99_ms']} ms", flush=True)
+    return result
+
+
+def kill_worker_under_load(wrk: Wrk, server, images, args) -> dict:
+    """kill -9 one worker while 8 connections classify: what failed, and how soon the replacement is ready."""
+    payload, content_type = images["32x32 PNG"]
+    time.sleep(3)  # let the previous case's connections and queue clear
+    counted_before = metric_value(requests.get(f"{server.url}/metrics", timeout=10).text, "convserve_requests_total")
+    outcome = {}
+    load = threading.Thread(target=lambda: outcome.update(
+        wrk.run(classify_url(server, args.model), payload, content_type, 8, 8)))
+    load.start()
+    time.sleep(2.0)
+    victim = sorted(server.worker_pids())[0]
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    while victim in server.worker_pids() or not server.all_workers_ready():
+        time.sleep(0.02)
+        if time.monotonic() - killed > 60:
+            break
+    ready_after = time.monotonic() - killed
+    load.join(60)
+    counted_after = metric_value(requests.get(f"{server.url}/metrics", timeout=10).text, "convserve_requests_total")
+    result = {"requests": outcome.get("requests"), "failed": outcome.get("non_2xx", 0)
+              + outcome.get("connection_errors", 0) + outcome.get("timeouts", 0), "wrk": outcome,
+              "ready_again_s": round(ready_after, 2), "counters_kept": counted_after >= counted_before}
+    print(f"  kill -9 under load: {result['failed']} of {result['requests']} failed, replacement ready in "
+          f"{result['ready_again_s']} s, counters kept: {result['counters_kept']}", flush=True)
+    return result
+
+
+def sigterm_under_load(work: Path, images, args, drain_seconds: float = 5) -> dict:
+    """SIGTERM while 8 keep-alive clients classify; they stop 3 s after /readyz turns 503, like a load balancer."""
+    payload, content_type = images["32x32 PNG"]
+    server = GunicornServer(work / "drain", WORKERS=args.workers, DRAIN_SECONDS=drain_seconds)
+    try:
+        server.wait_ready()
+        result = readiness_honouring_clients(server.url, payload, content_type, 8,
+                                             during=lambda: (time.sleep(2), server.process.send_signal(signal.SIGTERM)),
+                                             notice_delay_s=3)
+        result["exit_code"] = server.process.wait(timeout=60)
+    finally:
+        server.stop()
+    print(f"  SIGTERM with DRAIN_SECONDS={drain_seconds:g}: {result['served_after_not_ready']} requests served "
+          f"after readiness turned 503, {result['failed']} failed, exit code {result['exit_code']}", flush=True)
+    return {"drain_seconds": drain_seconds, **result}
+
+
 def print_table(results: dict) -> None:
-    print(f"\n{results['model']['name']} v{results['model']['version']}, {results['workers']} sync workers, "
+    print(f"\n{results['model']['name']} v{results['model']['version']}, {results['workers']} workers, "
           f"{results['machine']['cpus']} CPUs, {results['seconds_per_case']} s per case\n")
-    print("| image | connections | req/s | p50 ms | p99 ms | in-process limit img/s | ratio | non-2xx |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| image | connections | req/s | sync baseline req/s | ratio to baseline | p50 ms | p99 ms | "
+          "baseline p99 ms | in-process limit img/s | ratio to limit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in results["cases"]:
-        print(f"| {case['image']} | {case['connections']} | {case['req_per_s']:.0f} | {case['p50_ms']:.2f} | "
-              f"{case['p99_ms']:.2f} | {case['in_process_limit']:.0f} | {case['ratio']:.2f} | {case['non_2xx']} |")
+        print(f"| {case['image']} | {case['connections']} | {case['req_per_s']:.0f} | "
+              f"{case['baseline']['req_per_s']:.0f} | {case['ratio_to_baseline']:.2f} | {case['p50_ms']:.2f} | "
+              f"{case['p99_ms']:.2f} | {case['baseline']['p99_ms']:.2f} | {case['in_process_limit']:.0f} | "
+              f"{case['ratio_to_limit']:.2f} |")
+    slow, over = results["slow_clients"], results["overload"]
+    print("\n| hostile load | req/s | ratio | wrk time-outs | connection errors | 503 shed | "
+          "/healthz p99 ms | /readyz p99 ms | /metrics p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, row, ratio, health in (
+            (f"8 connections + {slow['trickling_connections']} trickling 1 byte/s", slow["with"], slow["ratio"],
+             slow["health"]),
+            (f"{over['connections']} connections, 1920x1080 JPEG", over["wrk"], None, over["health"])):
+        print(f"| {label} | {row['req_per_s']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} | {row['timeouts']} | "
+              f"{row['connection_errors']} | {row['non_2xx']} | {health['/healthz']['p99_ms']} | "
+              f"{health['/readyz']['p99_ms']} | {health['/metrics']['p99_ms']} |")
     print("\nsingle-image ONNX Runtime latency, 1 thread (median): " +
           ", ".join(f"{name} {ms:.3f} ms" for name, ms in results["onnx_latency_ms"].items()))
     print("inspect latency over HTTP (p50): " +
@@ -184,6 +279,12 @@ def print_table(results: dict) -> None:
     after = results["classify_after_inspect"]
     print(f"classify at c=8 after inspect was used: {after['req_per_s_after']:.0f} req/s vs "
           f"{after['req_per_s_before']:.0f} before (ratio {after['ratio']:.2f})")
+    kill, drain = results["kill_9"], results["sigterm_drain"]
+    print(f"kill -9 of a worker under load: {kill['failed']} of {kill['requests']} requests failed; replacement "
+          f"ready in {kill['ready_again_s']} s; counters kept: {kill['counters_kept']}")
+    print(f"SIGTERM under load (DRAIN_SECONDS={drain['drain_seconds']:g}): {drain['served']} served, "
+          f"{drain['served_after_not_ready']} after readiness turned 503, {drain['failed']} failed, "
+          f"exit code {drain['exit_code']}")
 
 
 if __name__ == "__main__":

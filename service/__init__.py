@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     app.json.sort_keys = False
     registry = registry or ModelRegistry(settings)
-    queue = InferenceQueue(settings.inference_threads, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT)
+    queue = InferenceQueue(settings.inference_threads, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT,
+                           settings.BATCH_IMAGES)
     app.extensions["convserve"] = AppState(settings, registry, InferencePipeline(settings, queue))
     register_api(app, settings)
     if load_models:

@@ -100,6 +100,11 @@ class RequestTimeout(ServiceError):
     code = "request_timeout"
 
 
+# The WSGI environ key through which a shed request asks the worker (service/worker.py) to pause before reading the
+# connection's next request: SHED_BACKOFF seconds.
+BACKOFF_ENVIRON_KEY = "convserve.backoff"
+
+
 class Overloaded(ServiceError):
     """More work waits than can start within QUEUE_TIMEOUT: shed now, retryably, rather than time out later."""
 

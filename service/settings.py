@@ -28,7 +28,11 @@ class Settings:
     INFERENCE_THREADS: int = _setting(0, "real threads per worker that decode and run ONNX Runtime; "
                                          "0 = the CPUs available / WORKERS (at least 1)")
     MAX_QUEUE: int = _setting(64, "requests per worker that may wait for an inference thread; more get 503 overloaded")
+    BATCH_IMAGES: int = _setting(8, "most images one ONNX Runtime call takes when waiting requests are batched "
+                                    "together; 1 = no batching")
     QUEUE_TIMEOUT: float = _setting(1.0, "seconds a request may wait for an inference thread before 503 overloaded")
+    SHED_BACKOFF: float = _setting(0.5, "after a 503 for a full queue, seconds before that connection's next request "
+                                         "is read (clients ignoring Retry-After can't spin the server)")
     BODY_TIMEOUT: float = _setting(15.0, "seconds a client has to send its whole request body (408 after)")
     KEEPALIVE: int = _setting(5, "seconds an idle keep-alive connection, or one still sending headers, stays open")
     WORKER_CONNECTIONS: int = _setting(1000, "open connections per worker (idle and slow ones cost a few kB each)")

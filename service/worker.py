@@ -10,6 +10,10 @@ Differences from gunicorn's stock gevent worker:
   locks, which is what ONNX Runtime and prometheus_client expect;
 - a response that says ``Connection: close`` closes the connection (gunicorn otherwise drops that header), so a 408
   for a half-sent body ends the connection instead of reading the rest;
+- after a 503 ``overloaded`` for a full queue, the next request on that connection is read SHED_BACKOFF seconds
+  later: the 503 itself goes out at once, but a client that ignores Retry-After and resends at once cannot keep the
+  event loop busy with rejections (which starved inference and health probes of CPU under a 512-connection flood);
+- each accept takes every pending connection (up to 100), not one;
 - SIGTERM starts a drain: readiness turns 503 at once, requests are served for DRAIN_SECONDS, then the worker stops
   accepting and finishes every request it accepted.
 """
@@ -17,12 +21,19 @@ Differences from gunicorn's stock gevent worker:
 from __future__ import annotations
 
 import os
+import time
+from functools import partial
 
 import gevent
 from gevent import monkey
+from gevent.pool import Pool
+from gevent.server import StreamServer
 from gunicorn.workers.ggevent import GeventWorker
 
+from service.errors import BACKOFF_ENVIRON_KEY
 from service.settings import Settings
+
+MAX_ACCEPT = 100  # connections one accept takes (gevent's default; gunicorn sets 1 when there are several workers)
 
 
 class ServingWorker(GeventWorker):
@@ -32,10 +43,37 @@ class ServingWorker(GeventWorker):
 
         self.sockets = [socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
 
+    def run(self):
+        """gunicorn's gevent loop, but each accept takes every pending connection (up to MAX_ACCEPT), not one:
+        with one, a loop busy with hundreds of connections accepted a few a second, and new connections (a
+        health probe among them) waited seconds in the listen backlog under overload."""
+        servers = []
+        for listener in self.sockets:
+            listener.setblocking(1)
+            server = StreamServer(listener, handle=partial(self.handle, listener),
+                                  spawn=Pool(self.worker_connections))
+            server.max_accept = MAX_ACCEPT
+            server.start()
+            servers.append(server)
+        while self.alive:
+            self.notify()
+            gevent.sleep(1.0)
+        for server in servers:  # stop accepting; finish what was accepted, for at most GRACEFUL_TIMEOUT
+            server.close()
+        started = time.monotonic()
+        while time.monotonic() - started <= self.cfg.graceful_timeout:
+            if all(server.pool.free_count() == server.pool.size for server in servers):
+                return
+            self.notify()
+            gevent.sleep(0.1)
+        self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+        for server in servers:
+            server.stop(timeout=1)
+
     def load_wsgi(self):
         super().load_wsgi()
         self.flask_app = self.wsgi
-        self.wsgi = _honour_connection_close(self.flask_app)
+        self.wsgi = _serve(self.flask_app)
 
     @property
     def app_state(self):
@@ -59,7 +97,25 @@ class ServingWorker(GeventWorker):
             pass
 
 
-def _honour_connection_close(app):
+class _Backoff:
+    """The response iterable, whose close (called by gunicorn once the response is sent) waits before the
+    connection's next request is read, when the app asked for it."""
+
+    def __init__(self, response, seconds: float):
+        self.response, self.seconds = response, seconds
+
+    def __iter__(self):
+        return iter(self.response)
+
+    def close(self):
+        if hasattr(self.response, "close"):
+            self.response.close()
+        gevent.sleep(self.seconds)
+
+
+def _serve(app):
+    """The Flask app as gunicorn calls it: ``Connection: close`` honoured, and a back-off after shedding."""
+
     def wsgi(environ, start_response):
         def start(status, headers, exc_info=None):
             if any(name.lower() == "connection" and value.lower() == "close" for name, value in headers):
@@ -68,6 +124,8 @@ def _honour_connection_close(app):
                     force_close()
             return start_response(status, headers, exc_info)
 
-        return app(environ, start)
+        response = app(environ, start)
+        backoff = environ.get(BACKOFF_ENVIRON_KEY)
+        return _Backoff(response, backoff) if backoff else response
 
     return wsgi

@@ -12,7 +12,7 @@ from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from service import metrics
-from service.errors import BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
+from service.errors import BACKOFF_ENVIRON_KEY, BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
 from service.scheduler import gevent_active
 from service.settings import Settings
 
@@ -21,7 +21,6 @@ log = logging.getLogger("convserve")
 # Requests to these views queue for an inference thread: when that queue is full they are shed before their body is
 # read (decide before you spend).
 QUEUED_ENDPOINTS = {"v1.classify", "v1.inspect", "v2.infer"}
-BODY_CHUNK = 64 * 1024
 # Probes and scrapes stay out of the request metrics.
 UNMETERED_ROUTES = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
@@ -66,42 +65,49 @@ def _service_error(error: ServiceError):
     response = error_response(error.status, error.code, error.message)
     if isinstance(error, Overloaded):
         response.headers["Retry-After"] = str(error.retry_after)
+        if error.reason == "queue_full":
+            request.environ[BACKOFF_ENVIRON_KEY] = state().settings.SHED_BACKOFF
     if isinstance(error, (RequestTimeout, PayloadTooLarge)) and g.get("body_unread"):
         response.headers["Connection"] = "close"  # the rest of the body is still on its way: don't read it
     return response
 
 
 def _admit_and_read_body() -> None:
-    """Shed before reading when the inference queue is full; then read the whole body, bounded in size and time,
-    so a view never waits on a client and the body limit holds for every transfer encoding (chunked too)."""
+    """Read the whole body before any view runs, bounded in size (MAX_UPLOAD_BYTES, whatever the transfer
+    encoding) and time (BODY_TIMEOUT), so a view never waits on a client. A request the inference queue cannot take
+    is refused before anything but that read: its body is still read (cheaply, in large pieces) so the connection
+    stays usable, where leaving it to the server would drain it a kilobyte at a time."""
     if request.method != "POST" or request.url_rule is None:
         return
     app = state()
+    shed = None
     if request.endpoint in QUEUED_ENDPOINTS:
-        app.pipeline.queue.admit()
-    settings = app.settings
-    limit = settings.MAX_UPLOAD_BYTES
+        try:
+            app.pipeline.queue.admit()
+        except Overloaded as refused:
+            shed = refused
+    body = _read_body(app.settings.MAX_UPLOAD_BYTES, app.settings.BODY_TIMEOUT)
+    if shed is not None:
+        raise shed
+    request.environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))})
+    request.environ.pop("HTTP_TRANSFER_ENCODING", None)
+
+
+def _read_body(limit: int, timeout: float) -> bytes:
     g.body_unread = True
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(_too_large_message(limit))
-    stream, chunks, size = request.environ["wsgi.input"], [], 0
-    with _deadline(settings.BODY_TIMEOUT):
+    with _deadline(timeout):
         try:
-            while chunk := stream.read(BODY_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(_too_large_message(limit))
-                chunks.append(chunk)
-        except ServiceError:
-            raise
+            body = request.environ["wsgi.input"].read(limit + 1)
         except Exception as exc:  # the server's own body reader: broken chunked encoding, client gone
             # (gevent.Timeout is a BaseException: it passes through to _deadline)
             raise BadRequest(f"The request body could not be read ({type(exc).__name__}): check its "
                              "Content-Length or chunked encoding.") from exc
+    if len(body) > limit:
+        raise PayloadTooLarge(_too_large_message(limit))
     g.body_unread = False
-    body = b"".join(chunks)
-    request.environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))})
-    request.environ.pop("HTTP_TRANSFER_ENCODING", None)
+    return body
 
 
 @contextmanager
