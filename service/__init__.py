@@ -41,8 +41,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     settings = settings or Settings.from_env()
     configure_logging(settings.LOG_LEVEL)
+    StrictJSONProvider = _strict_json_provider()  # noqa: N806 - a class
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
+    app.config["MAX_FORM_PARTS"] = settings.MAX_BATCH_IMAGES + 16  # file parts, and a few plain fields
+    app.json = StrictJSONProvider(app)
     app.json.sort_keys = False
     registry = registry or ModelRegistry(settings)
     queue = InferenceQueue(settings.inference_threads, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT,
@@ -52,6 +55,19 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     if load_models:
         registry.start_loading()
     return app
+
+
+def _strict_json_provider():
+    from flask.json.provider import DefaultJSONProvider
+
+    class StrictJSON(DefaultJSONProvider):
+        """Responses are strict JSON: NaN or Infinity would be a server bug, never sent as invalid JSON."""
+
+        def dumps(self, obj, **kwargs):
+            kwargs.setdefault("allow_nan", False)
+            return super().dumps(obj, **kwargs)
+
+    return StrictJSON
 
 
 def configure_logging(level: str) -> None:

@@ -5,6 +5,12 @@ Raised anywhere below the views; mapped once to a JSON body in ``service.api``.
 
 from __future__ import annotations
 
+# Codes for HTTP errors raised by the framework or the server itself, not by the service's own code.
+HTTP_STATUS_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                     408: "request_timeout", 413: "payload_too_large", 414: "uri_too_long",
+                     415: "unsupported_media_type", 417: "expectation_failed", 431: "header_fields_too_large",
+                     500: "internal", 501: "not_implemented"}
+
 
 class ServiceError(Exception):
     """Base class: ``status`` is the HTTP status, ``code`` the stable error code clients can match on."""
@@ -75,6 +81,12 @@ class TooManyImages(PayloadTooLarge):
 
 class ImageTooLarge(PayloadTooLarge):
     code = "image_too_large"
+
+
+class DecodeBudgetExceeded(PayloadTooLarge):
+    """The request's images would take more memory to decode than DECODE_BUDGET_BYTES."""
+
+    code = "decode_budget_exceeded"
 
 
 class UnsupportedMediaType(ServiceError):

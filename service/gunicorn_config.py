@@ -32,14 +32,23 @@ errorlog = "-"
 loglevel = settings.LOG_LEVEL.lower()
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 # Request-line and header limits stay at gunicorn's defaults; the body limit is MAX_UPLOAD_BYTES in the app.
-forwarded_allow_ips = "*"
+# Proxy headers (X-Forwarded-*, SCRIPT_NAME) are believed only from these addresses: from anyone, a client could
+# rewrite its own path prefix past a proxy's rules.
+forwarded_allow_ips = settings.FORWARDED_ALLOW_IPS
 # gunicorn's control socket lives in $HOME, which a read-only container does not have; nothing here uses it.
 control_socket_disable = True
 
 
+_created_metrics_folder: list[str] = []
+
+
 def on_starting(server):
-    """Give the workers one fresh multiprocess metrics folder (a stale one would resurrect old counts)."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="convserve-metrics-")
+    """Give the workers one fresh multiprocess metrics folder (a stale one would resurrect old counts). One we make
+    is private (mode 0700) and removed on exit."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="convserve-metrics-")
+        _created_metrics_folder.append(folder)
     os.makedirs(folder, exist_ok=True)
     for entry in os.listdir(folder):
         path = os.path.join(folder, entry)
@@ -61,3 +70,8 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    for folder in _created_metrics_folder:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -11,19 +11,38 @@ import binascii
 import json
 
 from flask import Request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from service.errors import EmptyBody, InvalidBase64, InvalidJSON, TooManyImages, UnsupportedMediaType
+from service.preprocessing import IMAGE_FORMATS, IMAGE_MEDIA_TYPES
 
-IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp", "image/gif",
-               "image/tiff"}
-ACCEPTED = ("image/jpeg, image/png, image/webp, image/bmp, image/gif, image/tiff, multipart/form-data "
-            "or application/json")
+IMAGE_TYPES = set(IMAGE_MEDIA_TYPES)
+ACCEPTED = ", ".join(types[0] for types, _ in IMAGE_FORMATS.values()) + ", multipart/form-data or application/json"
+
+
+def parse_json(body: bytes | str):
+    """Strict JSON: NaN and Infinity are refused, and so is anything the parser chokes on (nesting thousands deep,
+    an integer of thousands of digits): an InvalidJSON, never an internal error."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"The body is not valid JSON ({exc}).") from exc
+    except (ValueError, RecursionError) as exc:
+        raise InvalidJSON(f"The JSON could not be read: {str(exc)[:200] or type(exc).__name__}.") from exc
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def images_from_request(request: Request, max_images: int) -> list[bytes]:
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
-        images = [part.read() for _, part in request.files.items(multi=True)]
+        try:
+            images = [part.read() for _, part in request.files.items(multi=True)]
+        except RequestEntityTooLarge as exc:  # more parts than MAX_FORM_PARTS
+            raise TooManyImages(f"The multipart body has more than {request.max_form_parts} parts; the limit is "
+                                f"{max_images} images. Split the batch.") from exc
         if not images:
             raise EmptyBody("The multipart body has no file parts; send each image as a file part (-F image=@x.jpg).")
     elif mimetype == "application/json":
@@ -44,10 +63,7 @@ def images_from_request(request: Request, max_images: int) -> list[bytes]:
 def _images_from_json(body: bytes) -> list[bytes]:
     if not body:
         raise EmptyBody('The request body is empty; send {"images": ["<base64>", ...]}.')
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidJSON(f"The body is not valid JSON ({exc}).") from exc
+    document = parse_json(body)
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
         raise InvalidJSON('Expected {"images": ["<base64 or data: URL>", ...]} with at least one string.')

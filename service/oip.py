@@ -39,6 +39,9 @@ def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.nda
         raise InvalidTensor("Input shape must be a non-empty list of positive integers, starting with the batch size.")
     if shape[0] > max_images:
         raise TooManyImages(f"{shape[0]} images in one request; the limit is {max_images}.")
+    if datatype == "FP32" and shape[1:] != list(model.input_shape[1:]):  # before any size is computed from it
+        raise InvalidTensor(f"Input must have shape [N, {', '.join(map(str, model.input_shape[1:]))}]; "
+                            f"got {shape}.")
     binary_size = parameters(tensor).get("binary_data_size")
     if datatype == "FP32":
         return _fp32(tensor, shape, binary, binary_size)
@@ -85,14 +88,22 @@ def _fp32(tensor: dict, shape: list[int], binary: bytes, binary_size) -> np.ndar
         if not isinstance(binary_size, int) or binary_size != len(binary) or binary_size != expected * 4:
             raise InvalidTensor(f"binary_data_size must be {expected * 4} bytes for FP32 {shape}; the body carries "
                                 f"{len(binary)}.")
-        return np.frombuffer(binary, dtype="<f4").reshape(shape)
-    try:
-        array = np.asarray(tensor.get("data"), dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise InvalidTensor(f"Input data is not a list of numbers ({exc}).") from exc
-    if array.size != expected:
-        raise InvalidTensor(f"Input data has {array.size} values; shape {shape} needs {expected}.")
-    return array.reshape(shape)
+        array = np.frombuffer(binary, dtype="<f4").reshape(shape)
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise InvalidTensor("FP32 data must be a list of numbers (flat, or nested as the shape says).")
+        try:
+            array = np.asarray(data, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidTensor(f"Input data is not a list of numbers ({str(exc)[:200]}).") from exc
+        if array.size != expected:
+            raise InvalidTensor(f"Input data has {array.size} values; shape {shape} needs {expected}.")
+        array = array.reshape(shape)
+    if not np.isfinite(array).all():
+        raise InvalidTensor("Input data holds NaN or infinite values (or numbers beyond float32's range); "
+                            "send finite numbers.")
+    return array
 
 
 def _bytes_elements(tensor: dict, shape: list[int], binary: bytes, binary_size) -> list[bytes]:

@@ -12,9 +12,9 @@ import time
 import numpy as np
 
 from service import metrics, oip, visualize
-from service.errors import InvalidImage, InvalidParameter, ServiceError, TooManyImages
+from service.errors import DecodeBudgetExceeded, InvalidImage, InvalidParameter, ServiceError, TooManyImages
 from service.model import OnnxModel
-from service.preprocessing import decode, normalize
+from service.preprocessing import decode_opened, decoded_bytes, normalize, open_for
 from service.scheduler import InferenceQueue
 from service.settings import Settings
 
@@ -63,8 +63,20 @@ class InferencePipeline:
         return answers
 
     def preprocess(self, model: OnnxModel, images: list[bytes]) -> np.ndarray:
+        """Every image's header is read and the request's decoding cost checked (DECODE_BUDGET_BYTES) before any
+        pixel is decoded; then each is decoded, reduced to the input size and dropped, one at a time."""
         started = time.perf_counter()
-        decoded = np.stack([self._decode(model, data, index, len(images)) for index, data in enumerate(images)])
+        count = len(images)
+        opened = [self._each(index, count, open_for, data, model.spec, self.settings.MAX_IMAGE_PIXELS)
+                  for index, data in enumerate(images)]
+        needed = sum(decoded_bytes(image) for image in opened)
+        if needed > self.settings.DECODE_BUDGET_BYTES:
+            raise DecodeBudgetExceeded(
+                f"Decoding {'these images' if count > 1 else 'this image'} would take {needed / 2**20:.0f} MiB; "
+                f"the limit per request is {self.settings.DECODE_BUDGET_BYTES / 2**20:.0f} MiB "
+                "(DECODE_BUDGET_BYTES). Send smaller images, or fewer per request.")
+        decoded = np.stack([self._each(index, count, decode_opened, image, model.spec)
+                            for index, image in enumerate(opened)])
         batch = normalize(decoded, model.spec)
         metrics.PREPROCESS_LATENCY.labels(model.name, model.version).observe(time.perf_counter() - started)
         return batch
@@ -79,9 +91,11 @@ class InferencePipeline:
             metrics.PREDICTIONS.labels(model.name, model.version, model.labels[label_index]).inc(int(count))
         return probabilities
 
-    def _decode(self, model: OnnxModel, data: bytes, index: int, count: int) -> np.ndarray:
+    @staticmethod
+    def _each(index: int, count: int, step, *args):
+        """One image's step; a client error names the image when the request has several."""
         try:
-            return decode(data, model.spec, self.settings.MAX_IMAGE_PIXELS)
+            return step(*args)
         except ServiceError as exc:
             if count > 1:
                 exc.message = f"Image {index} of {count}: {exc.message}"

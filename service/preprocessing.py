@@ -23,6 +23,21 @@ from service.errors import ImageTooLarge, InvalidImage
 # We enforce our own pixel limit (settings.MAX_IMAGE_PIXELS) before decoding; PIL's global one would only warn.
 Image.MAX_IMAGE_PIXELS = None
 
+# The formats decoded, and no others: every further decoder Pillow has (PPM, TGA, PCX, ICO, JPEG 2000, EPS via
+# Ghostscript, ...) is attack surface. Pillow's format name → (media types, file suffixes). The server's accepted
+# Content-Types, the training data reader, the OpenAPI document and the web page all derive from this table.
+IMAGE_FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "JPEG": (("image/jpeg", "image/jpg"), (".jpg", ".jpeg")),
+    "PNG": (("image/png",), (".png",)),
+    "WEBP": (("image/webp",), (".webp",)),
+    "BMP": (("image/bmp", "image/x-ms-bmp"), (".bmp",)),
+    "GIF": (("image/gif",), (".gif",)),
+    "TIFF": (("image/tiff",), (".tif", ".tiff")),
+}
+IMAGE_MEDIA_TYPES = frozenset(t for types, _ in IMAGE_FORMATS.values() for t in types)
+IMAGE_SUFFIXES = frozenset(s for _, suffixes in IMAGE_FORMATS.values() for s in suffixes)
+FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+
 RESIZE_RULE = "centre-crop to the input aspect ratio, then bilinear resize (JPEG decoded at >= 2x the input size)"
 # Draft-mode decoding keeps at least this many times the input size so the bilinear downscale still antialiases.
 _DRAFT_OVERSAMPLE = 2
@@ -68,11 +83,9 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImage(
-            "The data is not a readable image. Send JPEG, PNG, WebP, BMP, GIF or TIFF bytes."
-        ) from exc
+            image = Image.open(io.BytesIO(data), formats=tuple(IMAGE_FORMATS))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidImage(f"The data is not a readable image. Send {FORMAT_NAMES} bytes.") from exc
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLarge(
@@ -84,15 +97,39 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
 
 def decode(data: bytes, spec: InputSpec, max_pixels: int | None = None) -> np.ndarray:
     """Image bytes → uint8 array of shape (height, width, 3), RGB, exactly as the network will see it."""
+    return decode_opened(open_for(data, spec, max_pixels), spec)
+
+
+def open_for(data: bytes, spec: InputSpec, max_pixels: int | None = None) -> Image.Image:
+    """Open (header only) and set JPEG's reduced-scale decoding: ``decoded_bytes`` then says what decoding costs."""
     image = open_image(data, max_pixels)
     try:
         _draft(image, spec)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidImage(f"The image could not be decoded ({exc}). It may be truncated or corrupt.") from exc
+    return image
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """Bytes the decoded first frame will take, from the header alone (after any reduced-scale decoding)."""
+    width, height = image.size
+    sample = 4 if image.mode in ("I", "F") else 2 if image.mode.startswith("I;16") else 1
+    return width * height * len(image.getbands()) * sample
+
+
+def decode_opened(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """An opened image → (height, width, 3) uint8. Cropped and resized in its own mode first, so the full-size
+    picture is never converted: a 40-megapixel 16-bit or RGBA image costs its decoded size once, not four times."""
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)  # animated GIF/WebP/TIFF: the first frame
         image = ImageOps.exif_transpose(image)
-        image = _to_rgb(image, spec.alpha_background)
-        image = _crop_to_aspect(image, spec.width / spec.height)
-        if image.size != (spec.width, spec.height):
-            image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
+        if image.mode in ("P", "1"):
+            image = image.convert("RGBA" if image.mode == "P" else "L")  # palettes and bits don't interpolate
+        box = _crop_box(image.size, spec.width / spec.height)
+        if image.size != (spec.width, spec.height) or box != (0, 0, *image.size):
+            image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR, box=box)
+        return np.asarray(_to_rgb(image, spec.alpha_background), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidImage(f"The image could not be decoded ({exc}). It may be truncated or corrupt.") from exc
 
@@ -125,8 +162,6 @@ def _draft(image: Image.Image, spec: InputSpec) -> None:
 
 
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)  # animated GIF/WebP/TIFF: the first frame
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
         # 16-bit greyscale: keep the top 8 bits (PIL's convert("RGB") would clip everything above 255 to white).
@@ -145,14 +180,15 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return image
 
 
-def _crop_to_aspect(image: Image.Image, aspect: float) -> Image.Image:
-    width, height = image.size
+def _crop_box(size: tuple[int, int], aspect: float) -> tuple[int, int, int, int]:
+    """The centred box of the given aspect ratio (width / height) inside an image of ``size``."""
+    width, height = size
     if abs(width / height - aspect) < 1e-6:
-        return image
+        return (0, 0, width, height)
     if width / height > aspect:
         new_width = max(1, round(height * aspect))
         left = (width - new_width) // 2
-        return image.crop((left, 0, left + new_width, height))
+        return (left, 0, left + new_width, height)
     new_height = max(1, round(width / aspect))
     top = (height - new_height) // 2
-    return image.crop((0, top, width, top + new_height))
+    return (0, top, width, top + new_height)

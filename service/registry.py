@@ -174,6 +174,10 @@ class ModelRegistry:
             model.load()
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            # Answers name files inside the store, never where the store is on this machine.
+            for place, shown in ((folder.resolve(), f"{name}/{version}"), (folder, f"{name}/{version}"),
+                                 (self.store.resolve(), "<store>"), (self.store, "<store>")):
+                reason = reason.replace(str(place), shown)
             self.failures[(name, version)] = LoadFailure(name, version, reason)
             metrics.MODEL_LOAD_FAILURES.labels(name, version).inc()
             metrics.MODEL_LOADED.labels(name, version).set(0)
@@ -192,7 +196,7 @@ class ModelRegistry:
             if self.failures:
                 return "no model could be loaded: " + "; ".join(
                     f"{f.name} v{f.version}: {f.reason}" for f in self.failures.values())
-            return f"the model store {self.store} has no models (expected <name>/<version>/model.onnx)"
+            return "the model store (MODEL_STORE) has no models (expected <name>/<version>/model.onnx)"
         not_ready = [f"{m.name} v{m.version}" for versions in self.models.values() for m in versions.values()
                      if not m.ready]
         if not_ready:

@@ -42,8 +42,12 @@ class Settings:
     MAX_UPLOAD_BYTES: int = _setting(10 * 1024 * 1024, "largest request body accepted (413 above)")
     MAX_BATCH_IMAGES: int = _setting(64, "most images in one request (413 above)")
     MAX_IMAGE_PIXELS: int = _setting(40_000_000, "most pixels in one decoded image, against decompression bombs (413)")
+    DECODE_BUDGET_BYTES: int = _setting(128 * 1024 * 1024, "most bytes the images of one request may take once "
+                                                           "decoded, checked from their headers (413 above)")
     ORT_INTRA_OP_THREADS: int = _setting(1, "ONNX Runtime threads per inference; 1 suits one worker per core")
     LOG_LEVEL: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    FORWARDED_ALLOW_IPS: str = _setting("127.0.0.1,::1", "addresses whose X-Forwarded-* headers are believed; in "
+                                                         "Kubernetes the ingress or mesh proxy's, '*' only behind one")
     CORS_ORIGINS: str = _setting("", "comma-separated origins allowed by CORS, '*' for any; empty = CORS off")
     PROMETHEUS_MULTIPROC_DIR: str = _setting("", "metrics folder shared by workers; the gunicorn config sets one")
 

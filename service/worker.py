@@ -14,12 +14,14 @@ Differences from gunicorn's stock gevent worker:
   later: the 503 itself goes out at once, but a client that ignores Retry-After and resends at once cannot keep the
   event loop busy with rejections (which starved inference and health probes of CPU under a 512-connection flood);
 - each accept takes every pending connection (up to 100), not one;
+- errors gunicorn answers itself (a bad request line, a URI or headers too long) are JSON like the service's;
 - SIGTERM starts a drain: readiness turns 503 at once, requests are served for DRAIN_SECONDS, then the worker stops
   accepting and finishes every request it accepted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from functools import partial
@@ -28,15 +30,23 @@ import gevent
 from gevent import monkey
 from gevent.pool import Pool
 from gevent.server import StreamServer
+from gunicorn import util
+from gunicorn.workers import base as base_worker
 from gunicorn.workers.ggevent import GeventWorker
 
-from service.errors import BACKOFF_ENVIRON_KEY
+from service.errors import BACKOFF_ENVIRON_KEY, HTTP_STATUS_CODES
 from service.settings import Settings
 
 MAX_ACCEPT = 100  # connections one accept takes (gevent's default; gunicorn sets 1 when there are several workers)
 
 
 class ServingWorker(GeventWorker):
+    def init_process(self):
+        # Errors gunicorn answers itself (bad request line, URI or headers too long, broken chunking) get the
+        # service's JSON error body too, not an HTML page. Only this worker process is patched.
+        base_worker.util = _JsonErrors()
+        super().init_process()
+
     def patch(self):
         monkey.patch_all(thread=False)
         from gevent import socket
@@ -95,6 +105,23 @@ class ServingWorker(GeventWorker):
             os.write(self.PIPE[1], b".")
         except (OSError, AttributeError):
             pass
+
+
+class _JsonErrors:
+    """gunicorn's util module, with write_error answering JSON."""
+
+    def __getattr__(self, name):
+        return getattr(util, name)
+
+    @staticmethod
+    def write_error(sock, status, reason, message):
+        code = HTTP_STATUS_CODES.get(status, "internal" if status >= 500 else "bad_request")
+        if status >= 500:
+            message = "Internal error; the server log has the details."
+        body = json.dumps({"error": {"code": code, "message": message or reason}}).encode()
+        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"X-Content-Type-Options: nosniff\r\nContent-Length: {len(body)}\r\n\r\n")
+        util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 class _Backoff:

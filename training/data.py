@@ -16,11 +16,10 @@ import numpy as np
 from tqdm import tqdm
 
 from service.errors import ServiceError
-from service.preprocessing import InputSpec, decode
+from service.preprocessing import IMAGE_SUFFIXES, InputSpec, decode
 
 # The product's classes, in output order. The service reads them back from metadata.json.
 PRODUCT_LABELS = ("dog", "cat", "boat", "bird")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CIFAR_RENAMES = {"ship": "boat"}
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST_BATCHES = ["test_batch"]

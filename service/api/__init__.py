@@ -12,7 +12,15 @@ from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from service import metrics
-from service.errors import BACKOFF_ENVIRON_KEY, BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
+from service.errors import (
+    BACKOFF_ENVIRON_KEY,
+    HTTP_STATUS_CODES,
+    BadRequest,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+)
 from service.scheduler import gevent_active
 from service.settings import Settings
 
@@ -23,8 +31,8 @@ log = logging.getLogger("convserve")
 QUEUED_ENDPOINTS = {"v1.classify", "v1.inspect", "v2.infer"}
 # Probes and scrapes stay out of the request metrics.
 UNMETERED_ROUTES = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-              415: "unsupported_media_type"}
+METERED_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+HTTP_CODES = HTTP_STATUS_CODES
 
 
 def state():
@@ -43,11 +51,16 @@ def register_api(app: Flask, settings: Settings) -> None:
     app.before_request(_admit_and_read_body)
     app.after_request(_record_request)
     app.teardown_request(_leave)
+    app.after_request(_security_headers)
     if settings.cors_origins:
         from flask_cors import CORS
 
-        origins = "*" if settings.cors_origins == ["*"] else settings.cors_origins
-        CORS(app, origins=origins, expose_headers=["Inference-Header-Content-Length"])
+        if settings.cors_origins == ["*"]:  # a literal *, never the request's Origin reflected (not even "null")
+            CORS(app, origins="*", send_wildcard=True, expose_headers=["Inference-Header-Content-Length"])
+        else:
+            CORS(app, origins=settings.cors_origins, vary_header=True,
+                 expose_headers=["Inference-Header-Content-Length"])
+            app.after_request(_vary_on_origin)
 
 
 def error_response(status: int, code: str, message: str):
@@ -170,11 +183,35 @@ def _start_timer() -> None:
         g.metered = True
 
 
+def _method() -> str:
+    """The method as a metric label: from a closed set, so clients cannot grow the metrics with made-up names."""
+    return request.method if request.method in METERED_METHODS else "other"
+
+
 def _record_request(response):
     route = _route()
     if route not in UNMETERED_ROUTES:
-        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-        metrics.REQUEST_LATENCY.labels(route, request.method).observe(time.perf_counter() - g.started)
+        metrics.REQUESTS.labels(route, _method(), str(response.status_code)).inc()
+        metrics.REQUEST_LATENCY.labels(route, _method()).observe(time.perf_counter() - g.started)
+    return response
+
+
+def _security_headers(response):
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if response.mimetype == "text/html":
+        # The page loads only its own files; an image URL the user pastes is fetched by the browser (connect-src).
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' http: https:; "
+            "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+        response.headers["X-Frame-Options"] = "DENY"
+    if request.method == "OPTIONS" and response.status_code == 200 and not response.get_data():
+        response.status_code = 204  # an automatic OPTIONS answer: Allow says it all, no empty text/html body
+        response.headers.pop("Content-Type", None)
+    return response
+
+
+def _vary_on_origin(response):
+    response.vary.add("Origin")
     return response
 
 

@@ -14,6 +14,7 @@ from flask import Blueprint, Response, jsonify, request
 import service
 from service.api import state
 from service.errors import InvalidJSON, NotReady
+from service.inputs import parse_json
 from service.oip import ENCODED_INPUT, OUTPUT
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
@@ -92,10 +93,7 @@ def _split_body() -> tuple[dict, bytes]:
         json_part, binary = body, b""
     if not json_part:
         raise InvalidJSON("The request body is empty; send an inference request JSON.")
-    try:
-        header = json.loads(json_part)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidJSON(f"The inference request is not valid JSON ({exc}).") from exc
+    header = parse_json(json_part)
     if not isinstance(header, dict):
         raise InvalidJSON("The inference request must be a JSON object.")
     return header, binary

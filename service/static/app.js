@@ -2,8 +2,16 @@
 // Every number shown comes from the service's own API (/v1/models, classify, inspect, filters); nothing else is
 // contacted, except an image URL the user asks the browser to fetch.
 
-const SERVER_TYPES = new Set(["image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp",
-  "image/gif", "image/tiff"]);
+// The image types the server decodes: read from its OpenAPI document, whose list the server derives from the one
+// table of decoded formats (service/preprocessing.py). Others are re-encoded as PNG here.
+let SERVER_TYPES = new Set(["image/png"]);
+const serverTypesLoaded = fetch("/openapi.json")
+  .then((response) => response.json())
+  .then((document) => {
+    const content = document.components.requestBodies.Images.content;
+    SERVER_TYPES = new Set(Object.keys(content).filter((type) => type.startsWith("image/")));
+  })
+  .catch(() => {}); // PNG alone still works
 const MAP_TARGET_WIDTH = 256; // feature-map grids are drawn at an integer zoom close to this width (CSS px)
 
 const KIND_NAMES = {
@@ -209,6 +217,7 @@ function describeModel() {
 // Getting an image: file, drop, paste, URL, sample
 
 async function sendable(blob) {
+  await serverTypesLoaded;
   if (SERVER_TYPES.has(blob.type)) return { body: blob, type: blob.type };
   if (blob.type.startsWith("image/")) {
     // A format the server does not decode (AVIF, SVG, HEIC where the browser can): re-encode it as PNG here.
