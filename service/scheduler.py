@@ -72,7 +72,10 @@ class InferenceQueue:
             from gevent.threadpool import ThreadPool
 
             self._make_event = Event
-            self._execute = ThreadPool(threads).apply
+            pool = ThreadPool(threads)
+            # Exceptions come back as values: gevent's pool would print every one (a client's bad image too) as a
+            # traceback on stderr.
+            self._execute = lambda work, args: _unwrap(pool.apply(_capture, (work, args)))
         else:
             self._make_event = threading.Event
             self._execute = _call
@@ -177,3 +180,17 @@ class InferenceQueue:
 
 def _call(work: Callable, args: tuple):
     return work(*args)
+
+
+def _capture(work: Callable, args: tuple) -> tuple[bool, Any]:
+    try:
+        return True, work(*args)
+    except Exception as error:  # noqa: BLE001 - handed back to the waiting request, which raises it
+        return False, error
+
+
+def _unwrap(outcome: tuple[bool, Any]):
+    succeeded, value = outcome
+    if not succeeded:
+        raise value
+    return value

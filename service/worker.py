@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from functools import partial
 
@@ -122,6 +123,20 @@ class _JsonErrors:
         head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
                 f"X-Content-Type-Options: nosniff\r\nContent-Length: {len(body)}\r\n\r\n")
         util.write_nonblock(sock, head.encode("latin-1") + body)
+        _linger(sock)
+
+
+def _linger(sock, seconds: float = 1.0, most: int = 1 << 20) -> None:
+    """Half-close, then read what the client is still sending before the server closes: closing with unread data
+    makes the kernel send a reset, which can destroy the answer before the client reads it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(seconds)
+        drained = 0
+        while drained < most and (chunk := sock.recv(65536)):
+            drained += len(chunk)
+    except OSError:
+        pass
 
 
 class _Backoff:
