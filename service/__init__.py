@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.json.sort_keys = False
     registry = registry or ModelRegistry(settings)
     queue = InferenceQueue(settings.inference_threads, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT,
-                           settings.BATCH_IMAGES)
+                           settings.BATCH_IMAGES, settings.BODY_BUFFER_BYTES)
     app.extensions["convserve"] = AppState(settings, registry, InferencePipeline(settings, queue))
     register_api(app, settings)
     if load_models:

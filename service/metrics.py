@@ -50,7 +50,7 @@ INFERENCE_THREADS = Gauge(f"{PREFIX}_inference_threads", "Threads running decode
                           multiprocess_mode="livesum")
 QUEUE_WAIT = Histogram(f"{PREFIX}_queue_wait_seconds", "Time a request waited for an inference thread.",
                        buckets=LATENCY_BUCKETS)
-SHED_REASONS = ("queue_full", "queue_timeout")
+SHED_REASONS = ("queue_full", "queue_timeout", "body_budget")
 SHED = Counter(f"{PREFIX}_shed_total", "Requests refused with 503 overloaded instead of queued, by reason.",
                ["reason"])
 for _reason in SHED_REASONS:

@@ -59,8 +59,11 @@ class Job:
 
 
 class InferenceQueue:
-    def __init__(self, threads: int, max_queue: int, queue_timeout: float, max_batch: int = 64):
+    def __init__(self, threads: int, max_queue: int, queue_timeout: float, max_batch: int = 64,
+                 body_budget: int = 1 << 62):
         self.threads = threads
+        self.body_budget = body_budget
+        self.held_bytes = 0
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.max_batch = max_batch
@@ -86,6 +89,22 @@ class InferenceQueue:
         if len(self.waiting) >= self.max_queue:
             self._shed("queue_full", f"{len(self.waiting)} requests are already waiting for an inference thread "
                                      f"(MAX_QUEUE={self.max_queue}).")
+
+    def hold_bytes(self, size: int) -> int:
+        """Count a request body against the worker's budget for bodies held at once (BODY_BUFFER_BYTES), or shed.
+        A body alone is always let in: the budget bounds many large bodies at once, not one."""
+        with self.lock:
+            if self.held_bytes and self.held_bytes + size > self.body_budget:
+                held = self.held_bytes
+            else:
+                self.held_bytes += size
+                return size
+        self._shed("body_budget", f"request bodies held by this worker already take {held / 2**20:.0f} MiB "
+                                  f"(BODY_BUFFER_BYTES={self.body_budget / 2**20:.0f} MiB).")
+
+    def release_bytes(self, size: int) -> None:
+        with self.lock:
+            self.held_bytes -= size
 
     def run(self, work: Callable, *args) -> Any:
         """Run ``work(*args)`` on an inference thread, after at most ``queue_timeout`` of waiting; its result."""

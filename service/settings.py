@@ -42,6 +42,8 @@ class Settings:
     MAX_UPLOAD_BYTES: int = _setting(10 * 1024 * 1024, "largest request body accepted (413 above)")
     MAX_BATCH_IMAGES: int = _setting(64, "most images in one request (413 above)")
     MAX_IMAGE_PIXELS: int = _setting(40_000_000, "most pixels in one decoded image, against decompression bombs (413)")
+    BODY_BUFFER_BYTES: int = _setting(64 * 1024 * 1024, "most request-body bytes a worker holds at once (read, "
+                                                         "queued or decoding); more get 503 overloaded")
     DECODE_BUDGET_BYTES: int = _setting(128 * 1024 * 1024, "most bytes the images of one request may take once "
                                                            "decoded, checked from their headers (413 above)")
     ORT_INTRA_OP_THREADS: int = _setting(1, "ONNX Runtime threads per inference; 1 suits one worker per core")

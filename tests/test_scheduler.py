@@ -179,6 +179,21 @@ def test_errors_raised_by_the_work_reach_the_caller_and_free_the_thread():
     assert queue.run(lambda: "next") == "next"
 
 
+def test_bodies_held_at_once_are_bounded_but_one_always_fits():
+    queue = InferenceQueue(threads=1, max_queue=10, queue_timeout=1, body_budget=100)
+    assert queue.hold_bytes(150) == 150  # alone: let in, however large
+    with pytest.raises(Overloaded) as refused:
+        queue.hold_bytes(1)
+    assert refused.value.reason == "body_budget" and "BODY_BUFFER_BYTES" in refused.value.message
+    queue.release_bytes(150)
+    assert queue.hold_bytes(60) == 60 and queue.hold_bytes(40) == 40
+    with pytest.raises(Overloaded):
+        queue.hold_bytes(1)
+    queue.release_bytes(60)
+    queue.release_bytes(40)
+    assert queue.held_bytes == 0
+
+
 def test_inference_threads_default_to_the_cpus_per_worker(tmp_path):
     assert Settings.from_env({}, WORKERS=1).inference_threads == available_cpus()
     assert Settings.from_env({}, WORKERS=available_cpus() * 2).inference_threads == 1

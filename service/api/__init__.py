@@ -29,6 +29,7 @@ log = logging.getLogger("convserve")
 # Requests to these views queue for an inference thread: when that queue is full they are shed before their body is
 # read (decide before you spend).
 QUEUED_ENDPOINTS = {"v1.classify", "v1.inspect", "v2.infer"}
+BODY_DISCARD_CHUNK = 256 * 1024
 # Probes and scrapes stay out of the request metrics.
 UNMETERED_ROUTES = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 METERED_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
@@ -87,40 +88,48 @@ def _service_error(error: ServiceError):
 
 def _admit_and_read_body() -> None:
     """Read the whole body before any view runs, bounded in size (MAX_UPLOAD_BYTES, whatever the transfer
-    encoding) and time (BODY_TIMEOUT), so a view never waits on a client. A request the inference queue cannot take
-    is refused before anything but that read: its body is still read (cheaply, in large pieces) so the connection
-    stays usable, where leaving it to the server would drain it a kilobyte at a time."""
+    encoding), time (BODY_TIMEOUT) and memory (BODY_BUFFER_BYTES for all the bodies a worker holds), so a view never
+    waits on a client. A request that cannot be taken (queue full, or bodies would take too much memory) is refused
+    before anything but that read; its body is read and dropped in large pieces, so the connection stays usable
+    (left to the server, it would be drained a kilobyte at a time)."""
     if request.method != "POST" or request.url_rule is None:
         return
     app = state()
-    shed = None
-    if request.endpoint in QUEUED_ENDPOINTS:
-        try:
+    settings = app.settings
+    limit = settings.MAX_UPLOAD_BYTES
+    g.body_unread = True
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(_too_large_message(limit))
+    try:
+        if request.endpoint in QUEUED_ENDPOINTS:
             app.pipeline.queue.admit()
-        except Overloaded as refused:
-            shed = refused
-    body = _read_body(app.settings.MAX_UPLOAD_BYTES, app.settings.BODY_TIMEOUT)
-    if shed is not None:
-        raise shed
+        g.held_bytes = app.pipeline.queue.hold_bytes(request.content_length or limit)
+    except Overloaded:
+        _read_body(limit, settings.BODY_TIMEOUT, keep=False)
+        raise
+    body = _read_body(limit, settings.BODY_TIMEOUT, keep=True)
     request.environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))})
     request.environ.pop("HTTP_TRANSFER_ENCODING", None)
 
 
-def _read_body(limit: int, timeout: float) -> bytes:
-    g.body_unread = True
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(_too_large_message(limit))
+def _read_body(limit: int, timeout: float, keep: bool) -> bytes:
+    stream, kept, size = request.environ["wsgi.input"], [], 0
     with _deadline(timeout):
         try:
-            body = request.environ["wsgi.input"].read(limit + 1)
+            while chunk := stream.read(limit + 1 if keep else BODY_DISCARD_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(_too_large_message(limit))
+                if keep:
+                    kept.append(chunk)
+        except ServiceError:
+            raise
         except Exception as exc:  # the server's own body reader: broken chunked encoding, client gone
             # (gevent.Timeout is a BaseException: it passes through to _deadline)
             raise BadRequest(f"The request body could not be read ({type(exc).__name__}): check its "
                              "Content-Length or chunked encoding.") from exc
-    if len(body) > limit:
-        raise PayloadTooLarge(_too_large_message(limit))
     g.body_unread = False
-    return body
+    return b"".join(kept)
 
 
 @contextmanager
@@ -218,3 +227,6 @@ def _vary_on_origin(response):
 def _leave(exc) -> None:
     if g.pop("metered", False):
         metrics.IN_FLIGHT.dec()
+    held = g.pop("held_bytes", 0)
+    if held:
+        state().pipeline.queue.release_bytes(held)
