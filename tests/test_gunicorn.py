@@ -85,6 +85,8 @@ def test_metrics_are_aggregated_over_workers(server):
     assert metric_value(text, "convserve_batch_size_count", model="lenet") - \
         metric_value(before, "convserve_batch_size_count", model="lenet") == 30
     assert metric_value(text, "convserve_ready") == 1
+    assert metric_value(text, "convserve_inference_threads") == 2  # one per worker, summed over both
+    assert metric_value(text, "convserve_queue_depth") == 0
     assert metric_value(text, "convserve_model_info", model="convnet") == 1
     assert 'route="/healthz"' not in text and 'route="/metrics"' not in text
     counting_workers = {name.rsplit("_", 1)[1] for name in os.listdir(server.metrics_dir)
