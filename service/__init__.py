@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the gunicorn master imports service.settings: keep metrics and ONNX Runtime out of it
     from flask import Flask
 
+    from service.auth import ApiKeys
     from service.pipeline import InferencePipeline
     from service.registry import ModelRegistry
     from service.settings import Settings
@@ -27,6 +28,7 @@ class AppState:
     settings: Settings
     registry: ModelRegistry
     pipeline: InferencePipeline
+    api_keys: ApiKeys
 
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
@@ -34,6 +36,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     from flask import Flask
 
     from service.api import register_api
+    from service.auth import ApiKeys, load_keys
     from service.pipeline import InferencePipeline
     from service.registry import ModelRegistry
     from service.scheduler import InferenceQueue
@@ -50,7 +53,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     registry = registry or ModelRegistry(settings)
     queue = InferenceQueue(settings.inference_threads, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT,
                            settings.BATCH_IMAGES, settings.BODY_BUFFER_BYTES)
-    app.extensions["convserve"] = AppState(settings, registry, InferencePipeline(settings, queue))
+    app.extensions["convserve"] = AppState(settings, registry, InferencePipeline(settings, queue),
+                                           ApiKeys(load_keys(settings)))
     register_api(app, settings)
     if load_models:
         registry.start_loading()

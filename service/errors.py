@@ -6,8 +6,8 @@ Raised anywhere below the views; mapped once to a JSON body in ``service.api``.
 from __future__ import annotations
 
 # Codes for HTTP errors raised by the framework or the server itself, not by the service's own code.
-HTTP_STATUS_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-                     408: "request_timeout", 413: "payload_too_large", 414: "uri_too_long",
+HTTP_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                     405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large", 414: "uri_too_long",
                      415: "unsupported_media_type", 417: "expectation_failed", 431: "header_fields_too_large",
                      500: "internal", 501: "not_implemented"}
 
@@ -50,6 +50,13 @@ class InvalidParameter(BadRequest):
 
 class InvalidTensor(BadRequest):
     code = "invalid_tensor"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or an unknown one (API_KEYS / API_KEYS_FILE)."""
+
+    status = 401
+    code = "unauthorized"
 
 
 class NotFound(ServiceError):

@@ -17,6 +17,10 @@ import tempfile
 from service.settings import Settings
 
 settings = Settings.from_env()
+try:
+    settings.version_pins  # noqa: B018 - parsed here so that a bad value stops the start with its message
+except ValueError as exc:
+    raise SystemExit(str(exc)) from None
 
 wsgi_app = "service:create_app()"
 bind = f"{settings.HOST}:{settings.PORT}"

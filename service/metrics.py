@@ -56,9 +56,16 @@ SHED = Counter(f"{PREFIX}_shed_total", "Requests refused with 503 overloaded ins
 for _reason in SHED_REASONS:
     SHED.labels(_reason)  # exported at 0 from the start, so rate() and alerts see the series
 
+MODEL_SERVED = Gauge(f"{PREFIX}_model_served", "1 for the version each model serves now (in every live worker).",
+                     ["model", "version"], multiprocess_mode="livemin")
+AUTH_FAILURES = Counter(f"{PREFIX}_auth_failures_total", "Requests refused for a missing or unknown API key.",
+                        ["reason"])
+for _reason in ("missing", "invalid"):
+    AUTH_FAILURES.labels(_reason)
+
 EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, INFERENCE_LATENCY, BATCH_SIZE,
                     PREDICTIONS, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_LOADED, READY, QUEUE_DEPTH, INFERENCE_THREADS,
-                    QUEUE_WAIT, SHED]
+                    QUEUE_WAIT, SHED, MODEL_SERVED, AUTH_FAILURES]
 
 
 def exposition() -> tuple[bytes, str]:

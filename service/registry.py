@@ -1,7 +1,13 @@
 """The model store: discover every ``<name>/<version>/``, verify, load and warm each, and pick versions.
 
 A version that fails to load is logged, counted in metrics and described by the metadata endpoints; it never takes
-the others down. Readiness: loading finished, at least one model serves, and no shutdown has begun.
+the others down. Readiness: loading finished, the default model serves, and no shutdown has begun.
+
+With MODEL_POLL_SECONDS, a thread rescans the store while the worker serves: a new version is verified, loaded and
+warmed before it can serve; a removed one is dropped, and in-flight requests finish on the model object they hold.
+Folders whose name starts with "." are never read: publish by staging a folder beside the versions and renaming it
+(what the exporter does). Which version serves is MODEL_VERSION_POLICY's choice: the latest, or a pinned one.
+The dictionaries are replaced, never changed in place, so a request always sees one consistent store.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class LoadFailure:
     name: str
     version: str
     reason: str
+    signature: tuple = ()  # the folder's files when it failed: a changed folder is tried again
 
 
 def version_key(version: str) -> tuple:
@@ -38,22 +45,26 @@ class ModelRegistry:
         self.default_name = settings.DEFAULT_MODEL
         self.intra_op_threads = settings.ORT_INTRA_OP_THREADS
         self.model_factory = model_factory
+        self.pins = settings.version_pins
+        self.poll_seconds = settings.MODEL_POLL_SECONDS
         self.models: dict[str, dict[str, OnnxModel]] = {}
         self.failures: dict[tuple[str, str], LoadFailure] = {}
         self.loading_done = threading.Event()
         self.shutting_down = False
+        self._stop_polling = threading.Event()
+        self._scan_lock = threading.Lock()  # one rescan at a time
+        self._served_shown: dict[str, str] = {}
 
     # lifecycle -----------------------------------------------------------------------------------------------
     def start_loading(self) -> threading.Thread:
-        thread = threading.Thread(target=self.load_all, name="model-loader", daemon=True)
+        thread = threading.Thread(target=self._load_then_poll, name="model-loader", daemon=True)
         thread.start()
         return thread
 
     def load_all(self) -> None:
         metrics.READY.set(0)
         try:
-            for folder in self._version_folders():
-                self._load_one(folder)
+            self.rescan()
         finally:
             self.loading_done.set()
             problem = self._readiness_problem()
@@ -61,10 +72,42 @@ class ModelRegistry:
             if problem:
                 log.error("not ready: %s", problem)
             else:
-                log.info("ready: %s", ", ".join(f"{n} v{self.latest(n).version}" for n in self.models))
+                log.info("ready: %s", ", ".join(f"{n} v{self.served(n).version}" for n in self.models
+                                                if self.served(n)))
+
+    def rescan(self) -> None:
+        """Load versions that appeared (or whose failed folder changed), drop versions that disappeared."""
+        with self._scan_lock:
+            present = {(folder.parent.name, folder.name): folder for folder in self._version_folders()}
+            loaded = {(name, version) for name, versions in self.models.items() for version in versions}
+            for key in sorted(loaded | set(self.failures), key=lambda k: (k[0], version_key(k[1]))):
+                if key not in present:
+                    self._forget(*key)
+            for key, folder in present.items():
+                failure = self.failures.get(key)
+                if key in loaded or (failure is not None and failure.signature == _signature(folder)):
+                    continue
+                if not (folder / "metadata.json").is_file():
+                    continue  # still being written: looked at again at the next scan
+                self._load_one(folder)
+            self._show_served()
+
+    def stop_polling(self) -> None:
+        self._stop_polling.set()
+
+    def _load_then_poll(self) -> None:
+        self.load_all()
+        if self.poll_seconds <= 0:
+            return
+        while not self._stop_polling.wait(self.poll_seconds):
+            try:
+                self.rescan()
+            except Exception:  # a broken store must not stop the polling or the serving
+                log.exception("rescanning the model store failed")
 
     def begin_shutdown(self) -> None:
         self.shutting_down = True
+        self.stop_polling()
         metrics.READY.set(0)
         log.info("shutdown begun: readiness now reports 503")
 
@@ -89,8 +132,13 @@ class ModelRegistry:
         failed = {version for n, version in self.failures if n == name}
         return sorted(loaded | failed, key=version_key)
 
-    def latest(self, name: str) -> OnnxModel:
-        return self.models[name][max(self.models[name], key=version_key)]
+    def served(self, name: str) -> OnnxModel | None:
+        """The version that serves requests naming no version: the pinned one (MODEL_VERSION_POLICY), else the
+        highest loaded; None when that version is not loaded."""
+        versions = self.models.get(name, {})
+        if name in self.pins:
+            return versions.get(self.pins[name])
+        return versions[max(versions, key=version_key)] if versions else None
 
     def get(self, name: str | None = None, version: str | None = None) -> OnnxModel:
         """The model to serve, or a typed error: 404 unknown, 503 still loading or failed to load."""
@@ -101,10 +149,15 @@ class ModelRegistry:
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"No model named {name!r}. Available models: {known}.")
         if version is None:
-            if name not in self.models:
-                raise ModelUnavailable(f"Model {name!r} failed to load: "
-                                       f"{'; '.join(f.reason for f in self._failures_of(name))}.")
-            return self.latest(name)
+            served = self.served(name)
+            if served is not None:
+                return served
+            if name in self.pins:
+                raise ModelUnavailable(f"Model {name!r} is pinned to version {self.pins[name]} by "
+                                       f"MODEL_VERSION_POLICY, which is not loaded (versions: "
+                                       f"{', '.join(self.versions(name)) or 'none'}).")
+            raise ModelUnavailable(f"Model {name!r} failed to load: "
+                                   f"{'; '.join(f.reason for f in self._failures_of(name))}.")
         if (name, version) in self.failures:
             raise ModelUnavailable(f"Model {name!r} version {version} failed to load: "
                                    f"{self.failures[(name, version)].reason}.")
@@ -127,10 +180,10 @@ class ModelRegistry:
         """A model: its versions with their state, and the served version's labels, input, outputs, inspection."""
         description = {"name": name, "default_version": None,
                        "versions": [self.describe_version(name, version) for version in self.versions(name)]}
-        if name in self.models:
-            latest = self.latest(name)
-            metadata = latest.metadata
-            description.update(default_version=latest.version, labels=metadata["labels"], input=metadata["input"],
+        served = self.served(name)
+        if served is not None:
+            metadata = served.metadata
+            description.update(default_version=served.version, labels=metadata["labels"], input=metadata["input"],
                                outputs=metadata["outputs"], architecture=metadata.get("architecture"),
                                inspection=_describe_inspection(metadata))
         return description
@@ -178,15 +231,43 @@ class ModelRegistry:
             for place, shown in ((folder.resolve(), f"{name}/{version}"), (folder, f"{name}/{version}"),
                                  (self.store.resolve(), "<store>"), (self.store, "<store>")):
                 reason = reason.replace(str(place), shown)
-            self.failures[(name, version)] = LoadFailure(name, version, reason)
+            self.failures = {**self.failures, (name, version): LoadFailure(name, version, reason, _signature(folder))}
             metrics.MODEL_LOAD_FAILURES.labels(name, version).inc()
             metrics.MODEL_LOADED.labels(name, version).set(0)
             log.error("model %s version %s failed to load: %s", name, version, reason, exc_info=True)
             return
-        self.models.setdefault(name, {})[version] = model
+        self.models = {**self.models, name: {**self.models.get(name, {}), version: model}}
+        self.failures = {key: failure for key, failure in self.failures.items() if key != (name, version)}
         metrics.MODEL_INFO.labels(name, version, model.metadata.get("sha256", "")).set(1)
         metrics.MODEL_LOADED.labels(name, version).set(1)
         log.info("loaded model %s version %s from %s", name, version, folder)
+
+    def _forget(self, name: str, version: str) -> None:
+        """The folder is gone: new requests no longer get this version; those holding it finish on it."""
+        model = self.models.get(name, {}).get(version)
+        if model is not None:
+            remaining = {v: m for v, m in self.models[name].items() if v != version}
+            self.models = {n: vs for n, vs in self.models.items() if n != name} | ({name: remaining} if remaining
+                                                                                   else {})
+            metrics.MODEL_INFO.labels(name, version, model.metadata.get("sha256", "")).set(0)
+            log.info("unloaded model %s version %s: its folder is gone", name, version)
+        self.failures = {key: failure for key, failure in self.failures.items() if key != (name, version)}
+        metrics.MODEL_LOADED.labels(name, version).set(0)
+
+    def _show_served(self) -> None:
+        """convserve_model_served: 1 for each model's serving version, 0 for the one it replaced."""
+        for name in set(self._served_shown) | set(self.models):
+            served = self.served(name)
+            now = served.version if served is not None else None
+            before = self._served_shown.get(name)
+            if before is not None and before != now:
+                metrics.MODEL_SERVED.labels(name, before).set(0)
+                log.info("model %s now serves version %s (was %s)", name, now, before)
+            if now is not None:
+                metrics.MODEL_SERVED.labels(name, now).set(1)
+                self._served_shown[name] = now
+            else:
+                self._served_shown.pop(name, None)
 
     def _failures_of(self, name: str) -> list[LoadFailure]:
         return [failure for (n, _), failure in self.failures.items() if n == name]
@@ -204,6 +285,9 @@ class ModelRegistry:
         if self.default_name not in self.models:
             return (f"the default model {self.default_name!r} is not loaded (models: {', '.join(self.models)}); "
                     "set DEFAULT_MODEL to one of them")
+        if self.served(self.default_name) is None:
+            return (f"the default model {self.default_name!r} is pinned to version {self.pins[self.default_name]} "
+                    "by MODEL_VERSION_POLICY, which is not loaded")
         return None
 
 
@@ -212,3 +296,11 @@ def _describe_inspection(metadata: dict) -> dict:
     inspection = metadata.get("inspection") or {}
     stages = [{key: stage[key] for key in ("name", "kind", "shape")} for stage in inspection.get("stages", [])]
     return {"stages": stages, "class_activation_maps": inspection.get("class_maps") is not None}
+
+
+def _signature(folder: Path) -> tuple:
+    """What a version folder holds (names, sizes, modification times): enough to see that it changed."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
+    except OSError:
+        return ()

@@ -24,6 +24,12 @@ class Settings:
     HOST: str = _setting("0.0.0.0", "address gunicorn binds to")
     MODEL_STORE: Path = _setting(REPO_MODEL_STORE, "folder of <name>/<version>/{model.onnx,metadata.json}")
     DEFAULT_MODEL: str = _setting("convnet", "model served by /v1/classify and /v1/inspect")
+    MODEL_POLL_SECONDS: float = _setting(10.0, "every worker rescans MODEL_STORE this often: new versions load, "
+                                               "removed ones unload, no restart; 0 = off")
+    MODEL_VERSION_POLICY: str = _setting("latest", "which version serves: 'latest', or pins such as "
+                                                   "'convnet=4,lenet=1' (models not named serve their latest)")
+    API_KEYS: str = _setting("", "comma-separated API keys; when set (or API_KEYS_FILE), /v1 and /v2 need one")
+    API_KEYS_FILE: str = _setting("", "file of API keys, one per line (# comments); what a Kubernetes Secret mounts")
     WORKERS: int = _setting(2, "gunicorn worker processes; one per CPU core is the measured best")
     INFERENCE_THREADS: int = _setting(0, "real threads per worker that decode and run ONNX Runtime; "
                                          "0 = the CPUs available / WORKERS (at least 1)")
@@ -68,6 +74,20 @@ class Settings:
     def inference_threads(self) -> int:
         """Inference never runs on more threads than cores in total: each worker takes its share."""
         return self.INFERENCE_THREADS or max(1, available_cpus() // max(1, self.WORKERS))
+
+    @property
+    def version_pins(self) -> dict[str, str]:
+        """MODEL_VERSION_POLICY's pins: model name → version."""
+        if self.MODEL_VERSION_POLICY.strip() in ("", "latest"):
+            return {}
+        pins = {}
+        for item in self.MODEL_VERSION_POLICY.split(","):
+            name, equals, version = item.strip().partition("=")
+            if not equals or not name.strip() or not version.strip():
+                raise ValueError(f"MODEL_VERSION_POLICY={self.MODEL_VERSION_POLICY!r}: use 'latest' or pins such as "
+                                 "'convnet=4,lenet=1'.")
+            pins[name.strip()] = version.strip()
+        return pins
 
     @property
     def cors_origins(self) -> list[str]:

@@ -444,3 +444,34 @@ def test_paste_drop_url_and_errors(server, driver, image_host):
     assert error["code"] in page_error(driver)
     assert driver.execute_script("return document.body.dataset.errorCode") == error["code"]
     assert driver.find_element(By.ID, "prediction-label").text == "—", "no stale prediction next to the error"
+
+
+def test_the_page_asks_for_an_api_key_and_keeps_it_for_the_tab(driver, image_file, tmp_path):
+    from tests.helpers import GunicornServer
+
+    keyed = GunicornServer(tmp_path, WORKERS=1, DEFAULT_MODEL="lenet", API_KEYS="page-key")
+    try:
+        keyed.wait_ready()
+        driver.get(keyed.url + "/")
+        dialog_open = "return document.querySelector('#key-dialog').open"
+        wait_until(lambda: driver.execute_script(dialog_open), "the key prompt after the API's 401")
+        assert "needs an API key" in driver.find_element("id", "key-message").text
+        ARTIFACTS.mkdir(exist_ok=True)
+        save_full_page(driver, ARTIFACTS / "browser-api-key.png")
+        driver.find_element("id", "key-input").send_keys("wrong-key")
+        driver.find_element("id", "key-use").click()
+        wait_until(lambda: "not accepted" in driver.find_element("id", "key-message").text
+                   and driver.execute_script(dialog_open), "the prompt again for a wrong key")
+        driver.find_element("id", "key-input").send_keys("page-key")
+        driver.find_element("id", "key-use").click()
+        wait_until(lambda: not driver.execute_script(dialog_open), "the prompt to close")
+        wait_until(lambda: driver.execute_script("return !document.querySelector('#model-select').disabled"),
+                   "the models to load with the key")
+        assert driver.execute_script("return sessionStorage.getItem('convserve-api-key')") == "page-key"
+        assert driver.execute_script("return localStorage.length") == 0  # this tab only, never kept on disk
+        driver.find_element("id", "file-input").send_keys(str(image_file))
+        wait_for_state(driver, "ready", "classifying with the key")
+        assert driver.find_element("id", "prediction-label").text.lower() in ("dog", "cat", "boat", "bird")
+    finally:
+        keyed.stop()
+        driver.execute_script("sessionStorage.clear()")

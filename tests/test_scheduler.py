@@ -235,10 +235,10 @@ def test_a_version_failing_at_warm_up_is_marked_failed_and_later_versions_load(l
     failure = registry.failure("lenet", "2")
     assert failure is not None and "reshape" in failure.reason.lower(), failure
     assert registry.loaded_versions("lenet") == ["1", "3"]
-    assert registry.latest("lenet").version == "3"
+    assert registry.served("lenet").version == "3"
     assert registry.ready and registry.readiness_problem() is None
     assert registry.describe_version("lenet", "2")["state"] == "failed"
-    probabilities = registry.latest("lenet").predict(np.zeros((1, 3, 32, 32), np.float32))
+    probabilities = registry.served("lenet").predict(np.zeros((1, 3, 32, 32), np.float32))
     assert probabilities.shape == (1, 4)
 
 

@@ -264,7 +264,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_a_complete_version(tiny_run):
     store, _ = tiny_run
-    folder = store / "convnet" / "1"
+    folder = store / "convnet-smoke" / "1"
     names = {p.name for p in folder.iterdir()}
     assert {"model.onnx", "inspect.onnx", "metadata.json", "metrics.json", "confusion_matrix.png",
             "training_curves.png"} <= names
@@ -291,24 +291,24 @@ def test_tiny_run_writes_a_complete_version(tiny_run):
 
 def test_tiny_run_is_loadable_by_the_service(tiny_run):
     store, _ = tiny_run
-    model = OnnxModel(store / "convnet" / "1")
+    model = OnnxModel(store / "convnet-smoke" / "1")
     model.load()
     assert model.ready and model.labels == LABELS
     probabilities = model.predict(np.zeros((2, 3, 32, 32), np.float32))
     assert probabilities.shape == (2, 4) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
-    registry = ModelRegistry(Settings.from_env({}, MODEL_STORE=store, DEFAULT_MODEL="convnet"))
+    registry = ModelRegistry(Settings.from_env({}, MODEL_STORE=store, DEFAULT_MODEL="convnet-smoke"))
     registry.load_all()
     assert registry.ready and registry.get().version == "1"
 
 
 def test_a_new_run_writes_the_next_version_and_never_overwrites(tiny_run):
     store, tree = tiny_run
-    first = (store / "convnet" / "1" / "model.onnx").read_bytes()
+    first = (store / "convnet-smoke" / "1" / "model.onnx").read_bytes()
     assert main(["train", "--data", str(tree), "--store", str(store), "--preset", "smoke", "--arch", "convnet",
                  "--width", "8", "--val-fraction", "0.25", "--no-progress"]) == 0
-    assert (store / "convnet" / "2" / "metadata.json").is_file()
-    assert (store / "convnet" / "1" / "model.onnx").read_bytes() == first
-    assert not [p for p in (store / "convnet").iterdir() if p.name.startswith(".staging")]
+    assert (store / "convnet-smoke" / "2" / "metadata.json").is_file()
+    assert (store / "convnet-smoke" / "1" / "model.onnx").read_bytes() == first
+    assert not [p for p in (store / "convnet-smoke").iterdir() if p.name.startswith(".staging")]
 
 
 def test_training_is_deterministic_under_a_seed(tmp_path):
@@ -318,7 +318,7 @@ def test_training_is_deterministic_under_a_seed(tmp_path):
         store = tmp_path / f"store{run}"
         assert main(["train", "--data", str(tree), "--store", str(store), "--preset", "smoke", "--seed", "7",
                      "--val-fraction", "0.25", "--no-progress"]) == 0
-        results.append(json.loads((store / "lenet" / "1" / "metrics.json").read_text())["validation"])
+        results.append(json.loads((store / "lenet-smoke" / "1" / "metrics.json").read_text())["validation"])
     assert results[0] == results[1]
 
 
@@ -342,14 +342,14 @@ def test_an_interrupted_run_goes_on_from_its_checkpoint_to_the_same_model(tmp_pa
     monkeypatch.setattr(training_loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train("resumed", "--checkpoint", str(checkpoint))
-    assert not (tmp_path / "resumed" / "convnet" / "1").exists()
+    assert not (tmp_path / "resumed" / "convnet-smoke" / "1").exists()
     monkeypatch.setattr(training_loop, "save_checkpoint", real_save)
     assert train("resumed", "--checkpoint", str(checkpoint)) == 0
-    straight, resumed = (json.loads((tmp_path / store / "convnet" / "1" / "metrics.json").read_text())
+    straight, resumed = (json.loads((tmp_path / store / "convnet-smoke" / "1" / "metrics.json").read_text())
                          for store in ("straight", "resumed"))
     assert resumed["validation"] == straight["validation"]
     assert [row["train_loss"] for row in resumed["history"]] == [row["train_loss"] for row in straight["history"]]
-    metadata = json.loads((tmp_path / "resumed" / "convnet" / "1" / "metadata.json").read_text())
+    metadata = json.loads((tmp_path / "resumed" / "convnet-smoke" / "1" / "metadata.json").read_text())
     assert metadata["training"]["resumed"] == {"after_epoch": 2, "changed": {}}
     # A finished run's checkpoint cannot be continued: it says so instead of silently retraining.
     assert train("again", "--checkpoint", str(checkpoint)) == 2
@@ -420,6 +420,13 @@ def test_help_explains_the_command_line():
 
 def test_evaluate_command_measures_a_stored_model(tiny_run, capsys):
     store, tree = tiny_run
-    assert main(["evaluate", str(store / "convnet" / "1"), "--data", str(tree)]) == 0
+    assert main(["evaluate", str(store / "convnet-smoke" / "1"), "--data", str(tree)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 48 and 0 <= report["accuracy"] <= 1
+
+
+def test_only_the_default_and_lenet_presets_publish_under_the_served_names():
+    from training.__main__ import model_name
+
+    assert model_name("default", "convnet") == "convnet" and model_name("lenet", "lenet") == "lenet"
+    assert model_name("fast", "convnet") == "convnet-fast" and model_name("smoke", "lenet") == "lenet-smoke"

@@ -42,7 +42,9 @@ Train the four-class ConvNet (dog, cat, boat, bird), evaluate it, and publish it
 
 DATA is a folder with one sub-folder per label (dog/ cat/ boat/ bird/ of images), or CIFAR-10's python
 batches (cifar-10-batches-py; 'ship' is used as 'boat'). Each run writes the next version,
-model_store/<name>/<version>/, with model.onnx, inspect.onnx, metadata.json, metrics.json and plots.
+model_store/<name>/<version>/, with model.onnx, inspect.onnx, metadata.json, metrics.json and plots. <name> is the
+architecture's (convnet, lenet) for the default and lenet presets, and <arch>-<preset> for the others (a fast run
+publishes convnet-fast/<n>, never a version of the convnet that serves); --name chooses another.
 """
 
 
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--extra-data", type=Path, help="images of other classes, learned as auxiliary outputs")
     train_parser.add_argument("--store", type=Path, default=Path("model_store"),
                               help="model store to publish into (default: model_store)")
-    train_parser.add_argument("--name", help="model name in the store (default: the architecture's name)")
+    train_parser.add_argument("--name", help="model name in the store (default: the architecture's name for the "
+                                             "default and lenet presets, <arch>-<preset> for the others)")
     train_parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                               help="a named set of hyperparameters; flags below override it (default: default)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
@@ -87,11 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def model_name(preset: str, arch: str) -> str:
+    """The store name a run publishes under: the architecture's for the default and lenet presets, a name of its
+    own for any other preset, so a quick run can never become what serves as ``convnet``."""
+    return arch if preset in ("default", arch) else f"{arch}-{preset}"
+
+
 def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
     from training.train import fit, seed_everything  # torch import deferred so --help is instant
 
     started = time.perf_counter()
-    name = args.name or config.arch
+    name = args.name or model_name(args.preset, config.arch)
     labels = list(PRODUCT_LABELS)
     product = data.load(args.data, tuple(labels), progress=not args.no_progress)
     train_part, val = data.split(product, config.val_fraction, config.seed)

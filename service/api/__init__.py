@@ -20,6 +20,7 @@ from service.errors import (
     PayloadTooLarge,
     RequestTimeout,
     ServiceError,
+    Unauthorized,
 )
 from service.scheduler import gevent_active
 from service.settings import Settings
@@ -49,6 +50,7 @@ def register_api(app: Flask, settings: Settings) -> None:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     app.before_request(_start_timer)
+    app.before_request(_authorize)
     app.before_request(_admit_and_read_body)
     app.after_request(_record_request)
     app.teardown_request(_leave)
@@ -77,6 +79,8 @@ def error_response(status: int, code: str, message: str):
 def _service_error(error: ServiceError):
     log.info("%s %s → %d %s: %s", request.method, request.path, error.status, error.code, error.message)
     response = error_response(error.status, error.code, error.message)
+    if isinstance(error, Unauthorized):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="convserve"'
     if isinstance(error, Overloaded):
         response.headers["Retry-After"] = str(error.retry_after)
         if error.reason == "queue_full":
@@ -84,6 +88,11 @@ def _service_error(error: ServiceError):
     if isinstance(error, (RequestTimeout, PayloadTooLarge)) and g.get("body_unread"):
         response.headers["Connection"] = "close"  # the rest of the body is still on its way: don't read it
     return response
+
+
+def _authorize() -> None:
+    """API keys, when configured: checked before anything is read or queued."""
+    state().api_keys.check(request.method, request.path, request.headers)
 
 
 def _admit_and_read_body() -> None:

@@ -88,29 +88,72 @@ class ApiError extends Error {
   }
 }
 
+// API keys: when the server answers 401, the page asks for a key and keeps it for this tab only (sessionStorage).
+const KEY_STORAGE = "convserve-api-key";
+let keyPrompt = null; // one prompt, shared by every request that met a 401 meanwhile
+
+function withKey(options) {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (!key) return options;
+  return { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` } };
+}
+
+/** Ask for a key; resolves to it, or to "" when the user cancels. */
+function askForKey(message) {
+  if (!keyPrompt) {
+    keyPrompt = new Promise((resolve) => {
+      const dialog = $("#key-dialog");
+      const input = $("#key-input");
+      $("#key-message").textContent = message;
+      input.value = "";
+      dialog.addEventListener("close", () => {
+        keyPrompt = null;
+        const key = dialog.returnValue === "use" ? input.value.trim() : "";
+        if (key) sessionStorage.setItem(KEY_STORAGE, key);
+        else sessionStorage.removeItem(KEY_STORAGE);
+        resolve(key);
+      }, { once: true });
+      dialog.returnValue = "";
+      dialog.showModal();
+      input.focus();
+    });
+  }
+  return keyPrompt;
+}
+
 /** fetch() an API path; a non-2xx answer throws ApiError with the API's {"error": {"code", "message"}}. */
 async function api(path, options = {}) {
-  let response;
-  try {
-    response = await fetch(path, options);
-  } catch (error) {
-    throw new ApiError("network", `Could not reach the convserve server (${error.message}). Is it running?`);
+  for (;;) {
+    let response;
+    try {
+      response = await fetch(path, withKey(options));
+    } catch (error) {
+      throw new ApiError("network", `Could not reach the convserve server (${error.message}). Is it running?`);
+    }
+    const text = await response.text();
+    let body = null;
+    try {
+      body = text ? JSON.parse(text) : null;
+    } catch {
+      body = null;
+    }
+    if (response.status === 401) {
+      const had = sessionStorage.getItem(KEY_STORAGE);
+      const key = await askForKey(had ? "That key was not accepted. Check it and try again."
+        : "This server needs an API key. It is kept for this tab only.");
+      if (key) continue;
+      throw new ApiError("unauthorized", "This server needs an API key: reload the page to enter one.", 401);
+    }
+    if (!response.ok) {
+      const detail = body && body.error;
+      if (detail && typeof detail === "object") throw new ApiError(detail.code, detail.message, response.status);
+      if (typeof detail === "string") throw new ApiError(`http_${response.status}`, detail, response.status);
+      throw new ApiError(`http_${response.status}`, `${response.status} ${response.statusText}`.trim(),
+        response.status);
+    }
+    if (body === null) throw new ApiError("bad_response", `${path} did not answer with JSON.`, response.status);
+    return body;
   }
-  const text = await response.text();
-  let body = null;
-  try {
-    body = text ? JSON.parse(text) : null;
-  } catch {
-    body = null;
-  }
-  if (!response.ok) {
-    const detail = body && body.error;
-    if (detail && typeof detail === "object") throw new ApiError(detail.code, detail.message, response.status);
-    if (typeof detail === "string") throw new ApiError(`http_${response.status}`, detail, response.status);
-    throw new ApiError(`http_${response.status}`, `${response.status} ${response.statusText}`.trim(), response.status);
-  }
-  if (body === null) throw new ApiError("bad_response", `${path} did not answer with JSON.`, response.status);
-  return body;
 }
 
 function setState(value) {
