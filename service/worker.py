@@ -50,9 +50,10 @@ class ServingWorker(GeventWorker):
 
     def patch(self):
         monkey.patch_all(thread=False)
-        from gevent import socket
+        from gevent import socket as cooperative
 
-        self.sockets = [socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
+        self.sockets = [cooperative.socket(s.FAMILY, cooperative.SOCK_STREAM, fileno=s.sock.detach())
+                        for s in self.sockets]
 
     def run(self):
         """gunicorn's gevent loop, but each accept takes every pending connection (up to MAX_ACCEPT), not one:
