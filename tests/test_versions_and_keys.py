@@ -90,9 +90,14 @@ def test_keys_are_off_unless_configured(client):
     assert client.post("/v1/classify", data=PNG, content_type="image/png").status_code == 200
 
 
-def test_an_unreadable_keys_file_stops_the_start(lenet_store, tmp_path):
-    with pytest.raises(SystemExit, match="API_KEYS_FILE"):
+def test_an_unreadable_or_empty_keys_file_stops_the_start(lenet_store, tmp_path):
+    with pytest.raises(SystemExit, match="cannot read"):
         create_app(Settings.from_env({}, MODEL_STORE=lenet_store, API_KEYS_FILE=str(tmp_path / "missing")),
+                   load_models=False)
+    placeholder = tmp_path / "keys"
+    placeholder.write_text("# replace me with real keys, one per line\n\n")
+    with pytest.raises(SystemExit, match="holds no key"):
+        create_app(Settings.from_env({}, MODEL_STORE=lenet_store, API_KEYS_FILE=str(placeholder)),
                    load_models=False)
 
 
