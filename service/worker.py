@@ -13,7 +13,6 @@ Differences from gunicorn's stock gevent worker:
 - after a 503 ``overloaded`` for a full queue, the next request on that connection is read SHED_BACKOFF seconds
   later: the 503 itself goes out at once, but a client that ignores Retry-After and resends at once cannot keep the
   event loop busy with rejections (which starved inference and health probes of CPU under a 512-connection flood);
-- each accept takes every pending connection (up to 100), not one;
 - errors gunicorn answers itself (a bad request line, a URI or headers too long) are JSON like the service's;
 - SIGTERM starts a drain: readiness turns 503 at once, requests are served for DRAIN_SECONDS, then the worker stops
   accepting and finishes every request it accepted.
@@ -24,21 +23,15 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
-from functools import partial
 
 import gevent
 from gevent import monkey
-from gevent.pool import Pool
-from gevent.server import StreamServer
 from gunicorn import util
 from gunicorn.workers import base as base_worker
 from gunicorn.workers.ggevent import GeventWorker
 
 from service.errors import BACKOFF_ENVIRON_KEY, HTTP_STATUS_CODES
 from service.settings import Settings
-
-MAX_ACCEPT = 100  # connections one accept takes (gevent's default; gunicorn sets 1 when there are several workers)
 
 
 class ServingWorker(GeventWorker):
@@ -55,33 +48,6 @@ class ServingWorker(GeventWorker):
         self.sockets = [cooperative.socket(s.FAMILY, cooperative.SOCK_STREAM, fileno=s.sock.detach())
                         for s in self.sockets]
 
-    def run(self):
-        """gunicorn's gevent loop, but each accept takes every pending connection (up to MAX_ACCEPT), not one:
-        with one, a loop busy with hundreds of connections accepted a few a second, and new connections (a
-        health probe among them) waited seconds in the listen backlog under overload."""
-        servers = []
-        for listener in self.sockets:
-            listener.setblocking(1)
-            server = StreamServer(listener, handle=partial(self.handle, listener),
-                                  spawn=Pool(self.worker_connections))
-            server.max_accept = MAX_ACCEPT
-            server.start()
-            servers.append(server)
-        while self.alive:
-            self.notify()
-            gevent.sleep(1.0)
-        for server in servers:  # stop accepting; finish what was accepted, for at most GRACEFUL_TIMEOUT
-            server.close()
-        started = time.monotonic()
-        while time.monotonic() - started <= self.cfg.graceful_timeout:
-            if all(server.pool.free_count() == server.pool.size for server in servers):
-                return
-            self.notify()
-            gevent.sleep(0.1)
-        self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
-        for server in servers:
-            server.stop(timeout=1)
-
     def load_wsgi(self):
         super().load_wsgi()
         self.flask_app = self.wsgi
@@ -92,14 +58,19 @@ class ServingWorker(GeventWorker):
         return getattr(self, "flask_app", None) and self.flask_app.extensions.get("convserve")
 
     def handle_exit(self, sig, frame):
+        # Not in the signal handler itself: it may have interrupted code holding a lock the drain needs (a metric
+        # write), which deadlocked the worker now and then under load. gunicorn's own handlers do the same.
+        gevent.spawn(self._drain)
+
+    def _drain(self):
         if getattr(self, "_draining", False):
             return
         self._draining = True
         state = self.app_state
         if state is not None:
             state.registry.begin_shutdown()
-        drain_seconds = Settings.from_env().DRAIN_SECONDS
-        gevent.spawn_later(max(0.0, drain_seconds), self._stop_accepting)
+        gevent.sleep(max(0.0, Settings.from_env().DRAIN_SECONDS))
+        self._stop_accepting()
 
     def _stop_accepting(self):
         self.alive = False  # run() closes the listeners, then waits for accepted requests (GRACEFUL_TIMEOUT)
