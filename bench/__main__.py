@@ -191,17 +191,20 @@ def overload(wrk: Wrk, server, images, args, connections: int = 512) -> dict:
     """512 connections posting 1920x1080 JPEGs: what is shed, what times out, and how health answers meanwhile."""
     payload, content_type = images["1920x1080 JPEG"]
     before = requests.get(f"{server.url}/metrics", timeout=10).text
-    with HealthProbe(server.port) as probe:
+    with HealthProbe(server.port, settle_s=1.0) as probe:
         loaded = wrk.run(classify_url(server, args.model), payload, content_type, connections,
                          max(args.seconds, 10))
     after = requests.get(f"{server.url}/metrics", timeout=10).text
     shed = {reason: metric_value(after, "convserve_shed_total", reason=reason)
             - metric_value(before, "convserve_shed_total", reason=reason) for reason in ("queue_full", "queue_timeout")}
     result = {"connections": connections, "wrk": loaded, "shed": shed, "health": probe.summary()}
+    health = result["health"]
     print(f"  overload c={connections}: {loaded['req_per_s']:.1f} req/s, {loaded['non_2xx']} shed (503), "
           f"{loaded['timeouts']} time-outs, {loaded['connection_errors']} connection errors; p99 /healthz "
-          f"{result['health']['/healthz']['p99_ms']} /readyz {result['health']['/readyz']['p99_ms']} /metrics "
-          f"{result['health']['/metrics']['p99_ms']} ms", flush=True)
+          f"{health['/healthz']['p99_ms']} /readyz {health['/readyz']['p99_ms']} /metrics "
+          f"{health['/metrics']['p99_ms']} ms after the first second; worst in the first second (the connections "
+          f"arriving): {max(health[p]['first_seconds']['max_ms'] or 0 for p in ('/healthz', '/readyz', '/metrics'))}"
+          " ms", flush=True)
     return result
 
 
