@@ -150,15 +150,7 @@ def test_a_full_queue_sheds_at_once_with_a_retryable_error():
 
 def test_a_request_that_waits_past_queue_timeout_is_shed():
     queue = InferenceQueue(threads=1, max_queue=10, queue_timeout=0.1)
-    release, running = threading.Event(), threading.Event()
-
-    def hold():
-        running.set()
-        release.wait(5)
-
-    holder = threading.Thread(target=queue.run, args=(hold,))
-    holder.start()
-    assert running.wait(5)
+    holder, release = hold_the_thread(queue)
     before = shed_count("queue_timeout")
     started = time.monotonic()
     with pytest.raises(Overloaded) as refused:
