@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                load_models: bool = True) -> Flask:
     from flask import Flask
 
-    from service.api import register_api
+    from service.api import StrictJSONProvider, register_api
     from service.auth import ApiKeys, load_keys
     from service.pipeline import InferencePipeline
     from service.registry import ModelRegistry
@@ -44,7 +44,6 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     settings = settings or Settings.from_env()
     configure_logging(settings.LOG_LEVEL)
-    StrictJSONProvider = _strict_json_provider()  # noqa: N806 - a class
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     app.config["MAX_FORM_PARTS"] = settings.MAX_BATCH_IMAGES + 16  # file parts, and a few plain fields
@@ -59,19 +58,6 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     if load_models:
         registry.start_loading()
     return app
-
-
-def _strict_json_provider():
-    from flask.json.provider import DefaultJSONProvider
-
-    class StrictJSON(DefaultJSONProvider):
-        """Responses are strict JSON: NaN or Infinity would be a server bug, never sent as invalid JSON."""
-
-        def dumps(self, obj, **kwargs):
-            kwargs.setdefault("allow_nan", False)
-            return super().dumps(obj, **kwargs)
-
-    return StrictJSON
 
 
 def configure_logging(level: str) -> None:

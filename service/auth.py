@@ -13,7 +13,7 @@ from service.settings import Settings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/", "/openapi.json", "/v2/health/live",
                         "/v2/health/ready"})
-PROTECTED_PREFIXES = ("/v1/", "/v2/", "/v2")
+PROTECTED_PREFIXES = ("/v1/", "/v2")
 
 
 def load_keys(settings: Settings) -> list[bytes]:
@@ -36,10 +36,6 @@ def load_keys(settings: Settings) -> list[bytes]:
 class ApiKeys:
     def __init__(self, keys: list[bytes]):
         self.keys = keys
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.keys)
 
     def check(self, method: str, path: str, headers) -> None:
         """Raise Unauthorized unless the request is open or carries a known key."""

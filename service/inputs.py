@@ -16,7 +16,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from service.errors import EmptyBody, InvalidBase64, InvalidJSON, TooManyImages, UnsupportedMediaType
 from service.preprocessing import IMAGE_FORMATS, IMAGE_MEDIA_TYPES
 
-IMAGE_TYPES = set(IMAGE_MEDIA_TYPES)
+IMAGE_TYPES = IMAGE_MEDIA_TYPES
 ACCEPTED = ", ".join(types[0] for types, _ in IMAGE_FORMATS.values()) + ", multipart/form-data or application/json"
 
 

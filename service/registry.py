@@ -72,8 +72,8 @@ class ModelRegistry:
             if problem:
                 log.error("not ready: %s", problem)
             else:
-                log.info("ready: %s", ", ".join(f"{n} v{self.served(n).version}" for n in self.models
-                                                if self.served(n)))
+                log.info("ready: %s", ", ".join(f"{name} v{served.version}" for name in self.models
+                                                if (served := self.served(name))))
 
     def rescan(self) -> None:
         """Load versions that appeared (or whose failed folder changed), drop versions that disappeared."""
@@ -246,9 +246,11 @@ class ModelRegistry:
         """The folder is gone: new requests no longer get this version; those holding it finish on it."""
         model = self.models.get(name, {}).get(version)
         if model is not None:
-            remaining = {v: m for v, m in self.models[name].items() if v != version}
-            self.models = {n: vs for n, vs in self.models.items() if n != name} | ({name: remaining} if remaining
-                                                                                   else {})
+            models = dict(self.models)
+            remaining = {v: m for v, m in models.pop(name).items() if v != version}
+            if remaining:
+                models[name] = remaining
+            self.models = models
             metrics.MODEL_INFO.labels(name, version, model.metadata.get("sha256", "")).set(0)
             log.info("unloaded model %s version %s: its folder is gone", name, version)
         self.failures = {key: failure for key, failure in self.failures.items() if key != (name, version)}

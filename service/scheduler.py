@@ -61,7 +61,6 @@ class Job:
 class InferenceQueue:
     def __init__(self, threads: int, max_queue: int, queue_timeout: float, max_batch: int = 64,
                  body_budget: int = 1 << 62):
-        self.threads = threads
         self.body_budget = body_budget
         self.held_bytes = 0
         self.max_queue = max_queue

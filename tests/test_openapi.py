@@ -18,7 +18,7 @@ from referencing.jsonschema import DRAFT202012
 
 import service
 from service import create_app, errors
-from service.api import HTTP_CODES
+from service.errors import HTTP_STATUS_CODES
 from service.inputs import IMAGE_TYPES
 from service.settings import Settings
 from tests.helpers import image_bytes
@@ -179,7 +179,7 @@ def test_error_codes_are_the_services(document):
             yield from subclasses(sub)
 
     codes = {errors.ServiceError.code} | {cls.code for cls in subclasses(errors.ServiceError)}
-    codes |= set(HTTP_CODES.values()) | {"http_error"}
+    codes |= set(HTTP_STATUS_CODES.values()) | {"http_error"}
     documented = document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
     assert set(documented) == codes
 

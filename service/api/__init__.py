@@ -9,6 +9,7 @@ import time
 from contextlib import contextmanager
 
 from flask import Flask, current_app, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from service import metrics
@@ -34,7 +35,14 @@ BODY_DISCARD_CHUNK = 256 * 1024
 # Probes and scrapes stay out of the request metrics.
 UNMETERED_ROUTES = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 METERED_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
-HTTP_CODES = HTTP_STATUS_CODES
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Responses are strict JSON: NaN or Infinity would be a server bug, never sent as invalid JSON."""
+
+    def dumps(self, obj, **kwargs):
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
 
 
 def state():
@@ -169,7 +177,7 @@ def _too_large_message(limit: int) -> str:
 
 def _http_error(error: HTTPException):
     status = error.code or 500
-    code = HTTP_CODES.get(status, "http_error")
+    code = HTTP_STATUS_CODES.get(status, "http_error")
     if status == 404:
         message = f"No route {request.path}. See GET /openapi.json for the API."
     elif status == 405:
