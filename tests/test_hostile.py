@@ -28,7 +28,9 @@ RSS_LIMIT_MB = 512
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = GunicornServer(tmp_path_factory.mktemp("hostile"), WORKERS=2, DEFAULT_MODEL="lenet",
+    # QUEUE_TIMEOUT is long here: four concurrent decode bombs of ~0.5 s each must be decoded, not shed (shedding
+    # is tests/test_load.py's subject; a slow CI machine shed one of them at the default 1 s).
+    running = GunicornServer(tmp_path_factory.mktemp("hostile"), WORKERS=2, DEFAULT_MODEL="lenet", QUEUE_TIMEOUT=30,
                              FORWARDED_ALLOW_IPS="192.0.2.1")  # not us: our proxy headers must be ignored
     running.wait_ready()
     running.initial_workers = running.worker_pids()

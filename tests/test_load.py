@@ -267,7 +267,8 @@ def test_sigterm_under_load_loses_nothing_for_clients_that_honour_readiness(tmp_
 
 def test_concurrent_requests_batched_together_get_their_own_answers(tmp_path):
     """Requests that wait together share one ONNX Runtime call; each still gets exactly its own probabilities."""
-    server = GunicornServer(tmp_path, WORKERS=1, INFERENCE_THREADS=1, DEFAULT_MODEL="convnet")
+    server = GunicornServer(tmp_path, WORKERS=1, INFERENCE_THREADS=1, DEFAULT_MODEL="convnet",
+                            QUEUE_TIMEOUT=30)  # every request answered, however slow the machine: none shed
     try:
         server.wait_ready()
         bodies = [[image_bytes("JPEG", 320, 240, seed=seed) for seed in range(count)] for count in (1, 3, 2, 1) * 6]
