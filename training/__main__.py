@@ -106,10 +106,16 @@ def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
     train_part, val = data.split(product, config.val_fraction, config.seed)
     summary = {"root": str(args.data), "counts": product.counts(), "train_counts": train_part.counts(),
                "validation_counts": val.counts(), "split_seed": config.seed, "val_fraction": config.val_fraction}
-    if args.extra_data and config.extra_classes:
-        extra = data.load(args.extra_data, None, progress=not args.no_progress)
-        train_part = data.merge(train_part, extra)
-        summary.update(extra_root=str(args.extra_data), extra_counts=extra.counts())
+    other_val = None
+    if args.extra_data:
+        # The same share of the other classes is held out: images of none of the labels, never trained on, on
+        # which export measures and sets the "none of these" threshold.
+        extra_train, other_val = data.split(data.load(args.extra_data, None, progress=not args.no_progress),
+                                            config.val_fraction, config.seed)
+        summary.update(extra_root=str(args.extra_data), other_validation_counts=other_val.counts())
+        if config.extra_classes:
+            train_part = data.merge(train_part, extra_train)
+            summary.update(extra_counts=extra_train.counts())
     pixels = train_part.images.reshape(-1, 3).astype(np.float64) / 255.0
     spec = InputSpec(height=32, width=32, mean=tuple(round(float(v), 4) for v in pixels.mean(0)),
                      std=tuple(round(float(v), 4) for v in pixels.std(0)))

@@ -158,124 +158,177 @@ def changed_settings(saved: dict, config: TrainConfig) -> dict:
     return {name: [saved.get(name), value] for name, value in config.to_dict().items() if saved.get(name) != value}
 
 
+class Trainer:
+    """One training run, as small named steps: the epoch plan, a step, the loss, validation, checkpoints.
+
+    ``fit`` below is the loop over them. The last ``focus_epochs`` see only the product labels (see
+    ``TrainConfig.focus_epochs``); CutMix and the EMA teacher act on those epochs.
+    """
+
+    def __init__(self, config: TrainConfig, model: nn.Module, train_inputs: np.ndarray, train_labels: np.ndarray,
+                 product_classes: int):
+        self.config = config
+        self.device = pick_device()
+        if config.threads and self.device.type == "cpu":
+            torch.set_num_threads(config.threads)
+        self.use_bf16 = config.bf16 and bf16_supported(self.device)
+        self.channels_last = config.arch == "convnet"
+        self.product_classes = product_classes
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+                    if config.ema_decay > 0 else None)
+        self.optimizer = make_optimizer(self.model, config)
+        self.x_train = torch.from_numpy(train_inputs).to(self.device)
+        self.y_train = torch.from_numpy(train_labels).to(self.device)
+        self.pools = self.epoch_pools()
+        total_steps = sum(self.steps_in(pool) for pool in self.pools)
+        warmup_steps = max(1, int(config.warmup_epochs * self.steps_in(self.x_train)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.history = History()
+        self.epochs_done, self.earlier_seconds = 0, 0.0
+
+    def steps_in(self, pool: torch.Tensor) -> int:
+        return math.ceil(len(pool) / self.config.batch_size)
+
+    def first_focus_epoch(self) -> int:
+        return self.config.epochs - self.config.focus_epochs + 1
+
+    def epoch_pools(self) -> list[torch.Tensor]:
+        """The training images each epoch draws from: all of them, then the product labels' in the focus epochs."""
+        everything = torch.arange(len(self.x_train), device=self.device)
+        product_only = everything[self.y_train < self.product_classes]
+        return [product_only if epoch >= self.first_focus_epoch() else everything
+                for epoch in range(1, self.config.epochs + 1)]
+
+    @property
+    def evaluated(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def resume(self, checkpoint: Path) -> dict:
+        """Load a checkpoint of this run; a finished run loads too, so its model can be exported again."""
+        state = torch.load(checkpoint, map_location=self.device, weights_only=False)  # written by save(), below
+        if state["images"] != len(self.x_train) or state["epoch"] > self.config.epochs:
+            raise CheckpointError(f"{checkpoint} is from another run ({state['images']} training images, "
+                                  f"{state['epoch']} epochs done); delete it or pass another --checkpoint.")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"].cpu())  # a byte tensor on the CPU, whatever the device
+        self.history.rows = state["history"]
+        self.epochs_done, self.earlier_seconds = state["epoch"], state["seconds"]
+        resumed = {"after_epoch": state["epoch"], "changed": changed_settings(state["config"], self.config)}
+        print(f"resuming after epoch {state['epoch']} from {checkpoint}"
+              + (f"; changed since: {resumed['changed']}" if resumed["changed"] else ""))
+        return resumed
+
+    def save(self, checkpoint: Path, seconds: float) -> None:
+        save_checkpoint(checkpoint, epoch=self.epochs_done, images=len(self.x_train), config=self.config.to_dict(),
+                        model=self.model.state_dict(), ema=self.ema.state_dict() if self.ema is not None else None,
+                        optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                        generator=self.generator.get_state(), history=self.history.rows, seconds=seconds)
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, pasted_targets: torch.Tensor, kept: float,
+             focused: bool, teacher_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label-smoothed cross-entropy, weighed by area under CutMix, blended with the EMA teacher's softmax."""
+        smoothing = self.config.label_smoothing
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            logits = self.model(inputs)
+            if focused:
+                logits = logits[:, :self.product_classes]
+            scores = logits.float()
+            loss = kept * F.cross_entropy(scores, targets, label_smoothing=smoothing)
+            if kept < 1.0:
+                loss = loss + (1.0 - kept) * F.cross_entropy(scores, pasted_targets, label_smoothing=smoothing)
+            if teacher_share:
+                with torch.no_grad():
+                    taught = torch.softmax(self.ema.module(inputs)[:, :scores.shape[1]].float(), dim=1)
+                loss = (1.0 - teacher_share) * loss + teacher_share * F.cross_entropy(scores, taught)
+        return loss, logits
+
+    def step(self, index: torch.Tensor, epoch: int) -> tuple[float, int]:
+        """One optimisation step on the images at ``index``; returns the summed loss and the number correct."""
+        mixing = self.config.cutmix if regularised_share(self.config, epoch) else 0.0
+        teacher_share = self_distill_share(self.config, epoch) if self.ema is not None else 0.0
+        inputs = augment(self.x_train[index], self.config, self.generator)
+        targets = self.y_train[index]
+        inputs, pasted_targets, kept = cutmix(inputs, targets, mixing, self.generator)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        loss, logits = self.loss(inputs, targets, pasted_targets, kept, epoch >= self.first_focus_epoch(),
+                                 teacher_share)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss.item() * len(index), int((logits.argmax(1) == targets).sum().item())
+
+    def train_epoch(self, epoch: int, bar: tqdm) -> dict:
+        self.model.train()
+        if self.ema is not None and self_distill_share(self.config, epoch):
+            self.ema.module.eval()
+        pool = self.pools[epoch - 1]
+        order = pool[torch.randperm(len(pool), device=self.device, generator=self.generator)]
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar.set_description(f"epoch {epoch}/{self.config.epochs}"
+                            f"{' (focus)' if epoch >= self.first_focus_epoch() else ''}")
+        for step in range(self.steps_in(pool)):
+            index = order[step * self.config.batch_size:(step + 1) * self.config.batch_size]
+            step_loss, step_correct = self.step(index, epoch)
+            loss_sum, correct, seen = loss_sum + step_loss, correct + step_correct, seen + len(index)
+            bar.update()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+
+    def validate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
+        """Loss and accuracy of the model that will be exported, over the product labels' logits."""
+        logits = predict_logits(self.evaluated, x_val, self.device,
+                                channels_last=self.channels_last)[:, :self.product_classes]
+        return {"val_loss": F.cross_entropy(logits, y_val).item(),
+                "val_accuracy": (logits.argmax(1) == y_val).float().mean().item()}
+
+    def final_model(self) -> nn.Module:
+        final = copy.deepcopy(self.evaluated).float().to("cpu")
+        return final.to(memory_format=torch.contiguous_format).eval()
+
+
 def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, val: LabelledImages,
         val_inputs: np.ndarray, model: nn.Module, product_classes: int,
         progress: bool = True, checkpoint: Path | None = None) -> tuple[nn.Module, History, dict]:
     """Train ``model`` on normalised inputs; return the model to export (the EMA when enabled) and the history.
 
     With ``checkpoint``, the whole training state is saved there after every epoch, and a run that finds the file
-    goes on from where it stopped (bit for bit, under the same settings).
+    goes on from where it stopped (bit for bit, under the same settings); a finished run's file is exported as is.
+    Progress is a bar when ``progress`` and stderr is a terminal, one line per epoch either way.
     """
-    device = pick_device()
-    if config.threads and device.type == "cpu":
-        torch.set_num_threads(config.threads)
-    use_bf16 = config.bf16 and bf16_supported(device)
-    channels_last = config.arch == "convnet"
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-           if config.ema_decay > 0 else None)
-    optimizer = make_optimizer(model, config)
-    x_train = torch.from_numpy(train_inputs).to(device)
-    y_train = torch.from_numpy(train.labels).to(device)
-    x_val = torch.from_numpy(val_inputs)
-    y_val = torch.from_numpy(val.labels)
-    # The last focus_epochs see only the product labels (see TrainConfig.focus_epochs).
-    everything = torch.arange(len(x_train), device=device)
-    product_only = everything[y_train < product_classes]
-    first_focus_epoch = config.epochs - config.focus_epochs + 1
-    pools = [product_only if epoch >= first_focus_epoch else everything for epoch in range(1, config.epochs + 1)]
-    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
-    total_steps = sum(math.ceil(len(pool) / config.batch_size) for pool in pools)
-    warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    history = History()
-    first_epoch, earlier_seconds, resumed = 1, 0.0, None
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)  # written by this code, below
-        if state["images"] != len(x_train) or state["epoch"] >= config.epochs:
-            raise CheckpointError(f"{checkpoint} is from another run ({state['images']} training images, "
-                                  f"{state['epoch']} epochs done); delete it or pass another --checkpoint.")
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"].cpu())  # a byte tensor on the CPU, whatever the device
-        history.rows = state["history"]
-        first_epoch, earlier_seconds = state["epoch"] + 1, state["seconds"]
-        resumed = {"after_epoch": state["epoch"], "changed": changed_settings(state["config"], config)}
-        print(f"resuming after epoch {state['epoch']} from {checkpoint}"
-              + (f"; changed since: {resumed['changed']}" if resumed["changed"] else ""))
-    started = time.perf_counter() - earlier_seconds
-    bar = tqdm(total=total_steps, unit="step", disable=not progress, dynamic_ncols=True)
-    bar.update(sum(math.ceil(len(pool) / config.batch_size) for pool in pools[:first_epoch - 1]))
-    for epoch, pool in enumerate(pools[first_epoch - 1:], start=first_epoch):
-        model.train()
-        focused = epoch >= first_focus_epoch
-        mixing = config.cutmix if regularised_share(config, epoch) else 0.0
-        teacher_share = self_distill_share(config, epoch) if ema is not None else 0.0
-        if teacher_share:
-            ema.module.eval()
-        order = pool[torch.randperm(len(pool), device=device, generator=generator)]
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar.set_description(f"epoch {epoch}/{config.epochs}{' (focus)' if focused else ''}")
-        for step in range(math.ceil(len(pool) / config.batch_size)):
-            index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            inputs = augment(x_train[index], config, generator)
-            targets = y_train[index]
-            inputs, pasted_targets, kept = cutmix(inputs, targets, mixing, generator)
-            if channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(inputs)
-                if focused:
-                    logits = logits[:, :product_classes]
-                scores = logits.float()
-                loss = kept * F.cross_entropy(scores, targets, label_smoothing=config.label_smoothing)
-                if kept < 1.0:
-                    loss = loss + (1.0 - kept) * F.cross_entropy(scores, pasted_targets,
-                                                                 label_smoothing=config.label_smoothing)
-                if teacher_share:
-                    with torch.no_grad():
-                        taught = torch.softmax(ema.module(inputs)[:, :scores.shape[1]].float(), dim=1)
-                    loss = (1.0 - teacher_share) * loss + teacher_share * F.cross_entropy(scores, taught)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.item() * len(index)
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += len(index)
-            bar.update()
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        evaluated = ema.module if ema is not None else model
-        val_logits = predict_logits(evaluated, x_val, device, channels_last=channels_last)[:, :product_classes]
-        val_loss = F.cross_entropy(val_logits, y_val).item()
-        val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
-        history.add(epoch=epoch, focus=focused, train_loss=loss_sum / seen, train_accuracy=correct / seen,
-                    val_loss=val_loss, val_accuracy=val_acc, lr=scheduler.get_last_lr()[0],
-                    seconds=time.perf_counter() - started)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", val_acc=f"{val_acc:.4f}")
-        bar.write(f"epoch {epoch:3d}  train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}  "
-                  f"val loss {val_loss:.4f} acc {val_acc:.4f}  ({time.perf_counter() - started:.0f} s)")
+    trainer = Trainer(config, model, train_inputs, train.labels, product_classes)
+    resumed = trainer.resume(checkpoint) if checkpoint is not None and checkpoint.exists() else None
+    x_val, y_val = torch.from_numpy(val_inputs), torch.from_numpy(val.labels)
+    started = time.perf_counter() - trainer.earlier_seconds
+    total_steps = sum(trainer.steps_in(pool) for pool in trainer.pools)
+    bar = tqdm(total=total_steps, unit="step", disable=None if progress else True, dynamic_ncols=True,
+               initial=sum(trainer.steps_in(pool) for pool in trainer.pools[:trainer.epochs_done]))
+    for epoch in range(trainer.epochs_done + 1, config.epochs + 1):
+        row = {"epoch": epoch, "focus": epoch >= trainer.first_focus_epoch(), **trainer.train_epoch(epoch, bar),
+               **trainer.validate(x_val, y_val), "lr": trainer.scheduler.get_last_lr()[0],
+               "seconds": time.perf_counter() - started}
+        trainer.history.add(**row)
+        trainer.epochs_done = epoch
+        bar.write(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+                  f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  ({row['seconds']:.0f} s)")
         if checkpoint is not None:
-            save_checkpoint(checkpoint, epoch=epoch, images=len(x_train), config=config.to_dict(),
-                            model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            generator=generator.get_state(), history=history.rows,
-                            seconds=time.perf_counter() - started)
+            trainer.save(checkpoint, row["seconds"])
     bar.close()
-    final = copy.deepcopy(ema.module if ema is not None else model).float().to("cpu")
-    final = final.to(memory_format=torch.contiguous_format).eval()
-    run_info = {"device": str(device), "bf16": use_bf16, "wall_time_s": round(time.perf_counter() - started, 1),
-                "steps": total_steps}
+    run_info = {"device": str(trainer.device), "bf16": trainer.use_bf16,
+                "wall_time_s": round(time.perf_counter() - started, 1), "steps": total_steps}
     if resumed is not None:
         run_info["resumed"] = resumed
-    return final, history, run_info
+    return trainer.final_model(), trainer.history, run_info
