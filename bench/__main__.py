@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from bench.inprocess import in_process_worker  # noqa: E402
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
+from service.settings import Settings, available_cpus  # noqa: E402
 from tests.helpers import GunicornServer, encode, metric_value, pattern  # noqa: E402
 
 SYNC_BASELINE = ("--worker-class", "sync")  # the configuration before the gevent worker, kept as a baseline
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=6, help="duration of each wrk run, in whole seconds")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", os.cpu_count() or 2)))
+    parser.add_argument("--workers", type=int, default=Settings.from_env().WORKERS,
+                        help="gunicorn workers, for the service and the baseline (default: WORKERS, as deployed)")
     parser.add_argument("--connections", default="1,8,32", help="comma-separated wrk connection counts")
     parser.add_argument("--model", default="convnet")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     wrk = Wrk(work)
     images = bench_images()
     results = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+               "machine": {"cpus": available_cpus(), "processor": platform.processor() or platform.machine(),
                            "python": platform.python_version()},
                "model": {"name": args.model, "version": folder.name}, "workers": args.workers,
                "seconds_per_case": args.seconds, "cases": [], "onnx_latency_ms": {}, "inspect": {}}

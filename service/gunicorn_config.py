@@ -11,18 +11,25 @@ itself after fork: ONNX Runtime sessions are not fork-safe.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import tempfile
 
 from service.auth import load_keys
-from service.settings import Settings
+from service.settings import Settings, SettingsError, stop
 
-settings = Settings.from_env()
+# A bad setting stops the start here, once, before any worker: one line per problem on stderr and exit status 2.
+# (gunicorn prints a traceback for an exception raised while it imports this module; SystemExit passes through.)
 try:
-    settings.version_pins  # noqa: B018 - parsed here so that a bad value stops the start with its message
-except ValueError as exc:
-    raise SystemExit(str(exc)) from None
-load_keys(settings)  # an unreadable or empty API_KEYS_FILE stops the start here, once, with its message
+    settings = Settings.from_env()
+except SettingsError as exc:
+    stop(exc.lines)
+if problems := settings.start_problems():
+    stop(problems)
+try:
+    load_keys(settings)  # an unreadable or empty API_KEYS_FILE
+except SystemExit as exc:
+    stop([f"convserve: {exc.code}"])
 
 wsgi_app = "service:create_app()"
 bind = f"{settings.HOST}:{settings.PORT}"
@@ -51,15 +58,19 @@ _created_metrics_folder: list[str] = []
 def on_starting(server):
     """Give the workers one fresh multiprocess metrics folder (a stale one would resurrect old counts). One we make
     is private (mode 0700) and removed on exit."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not folder:
-        folder = tempfile.mkdtemp(prefix="convserve-metrics-")
-        _created_metrics_folder.append(folder)
-    os.makedirs(folder, exist_ok=True)
-    for entry in os.listdir(folder):
-        path = os.path.join(folder, entry)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    folder = settings.PROMETHEUS_MULTIPROC_DIR
+    try:
+        if not folder:
+            folder = tempfile.mkdtemp(prefix="convserve-metrics-")
+            _created_metrics_folder.append(folder)
+        os.makedirs(folder, exist_ok=True)
+        for entry in os.listdir(folder):
+            path = os.path.join(folder, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    except OSError as exc:
+        stop([f"convserve: PROMETHEUS_MULTIPROC_DIR={shlex.quote(folder)} is not usable: a folder this user can "
+              f"create and empty ({exc.strerror})"])
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # for prometheus_client in the workers, which reads it itself
     server.log.info("metrics folder %s", folder)
 
 

@@ -6,8 +6,6 @@ PROMETHEUS_MULTIPROC_DIR before workers start and marks dead workers).
 
 from __future__ import annotations
 
-import os
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -17,6 +15,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from service.settings import Settings
 
 PREFIX = "convserve"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -69,8 +69,9 @@ EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, IN
 
 
 def exposition() -> tuple[bytes, str]:
-    """The text exposition: aggregated over workers in multiprocess mode, this process's otherwise."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    """The text exposition: aggregated over workers in multiprocess mode, this process's otherwise. The mode is the
+    one prometheus_client took at import, from the same variable (the gunicorn config sets it)."""
+    if Settings.from_env().PROMETHEUS_MULTIPROC_DIR:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,106 +1,300 @@
-"""Every setting of the service, read from the environment, each with a default and a one-line description.
+"""Every setting of the service, read from the environment, each with its default, what it allows and a one-line
+description.
 
 These variable names are the contract: ``make serve``, the gunicorn config, the image and the Kubernetes manifests all
-use them. Nothing else in the service reads the environment.
+use them. Nothing else in the service reads the environment (prometheus_client reads PROMETHEUS_MULTIPROC_DIR itself,
+which the gunicorn config sets). Every value is parsed and checked when a ``Settings`` is made, so a bad one stops the
+start with one line per problem, naming the setting and what it allows::
+
+    convserve: WORKERS=0 is not allowed: a whole number >= 1 (gunicorn worker processes)
+
+``python -m service.settings`` checks the environment and prints the settings it gives; ``--markdown`` prints the
+README's settings table, ``--readme`` rewrites it there.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
+import shlex
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, NoReturn
 
-REPO_MODEL_STORE = Path(__file__).resolve().parent.parent / "model_store"
+REPO = Path(__file__).resolve().parent.parent
+REPO_MODEL_STORE = REPO / "model_store"
+NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"  # a model or version folder: no '/', no hidden (dot) folder
 
 
-def _setting(default, description: str):
-    return field(default=default, metadata={"description": description})
+class SettingsError(ValueError):
+    """Settings that cannot be used; ``lines`` has one line per problem, ready for stderr."""
 
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+# ---- what a setting allows ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Allowed:
+    """What a setting accepts, in words (for the error line and the README) and as a function that turns a value, a
+    string from the environment or an already typed one, into the value kept, or raises ValueError."""
+
+    words: str
+    accept: Callable[[Any], Any]
+
+
+def whole(low: int, high: int | None = None, note: str = "") -> Allowed:
+    def accept(value) -> int:
+        number = int(value.strip()) if isinstance(value, str) else value
+        if type(number) is not int or number < low or (high is not None and number > high):
+            raise ValueError
+        return number
+
+    words = f"a whole number from {low} to {high}" if high is not None else f"a whole number >= {low}"
+    return Allowed(words + note, accept)
+
+
+def seconds(low: float = 0.0, above: bool = False, note: str = "") -> Allowed:
+    def accept(value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number) or number < low or (above and number == low):
+            raise ValueError
+        return number
+
+    return Allowed(f"a number of seconds {'>' if above else '>='} {low:g}{note}", accept)
+
+
+def one_of(*choices: str) -> Allowed:
+    """Any case is accepted; the value kept is spelled as the choice."""
+    by_key = {choice.lower(): choice for choice in choices}
+
+    def accept(value) -> str:
+        return by_key[str(value).strip().lower()]  # KeyError is a LookupError, caught as a bad value too
+
+    return Allowed("one of " + ", ".join(choices), accept)
+
+
+def text(words: str, valid: Callable[[str], bool] = lambda value: True) -> Allowed:
+    def accept(value) -> str:
+        if not isinstance(value, str) or not valid(value):
+            raise ValueError
+        return value
+
+    return Allowed(words, accept)
+
+
+def path(words: str, empty_ok: bool = False) -> Allowed:
+    """A path, kept as a Path; or, where it may be empty, kept as the string given (empty = none)."""
+    def accept(value) -> Path | str:
+        if empty_ok and value in ("", None):
+            return ""
+        if not isinstance(value, (str, Path)) or not str(value).strip():
+            raise ValueError
+        return Path(value) if not empty_ok else str(value)
+
+    return Allowed(words, accept)
+
+
+def _version_pins(policy: str) -> dict[str, str]:
+    if policy.strip() in ("", "latest"):
+        return {}
+    pins = {}
+    for item in policy.split(","):
+        name, equals, version = (part.strip() for part in item.partition("="))
+        if not equals or not re.fullmatch(NAME, name) or not re.fullmatch(NAME, version) or name in pins:
+            raise ValueError(f"MODEL_VERSION_POLICY={policy!r}: use 'latest' or pins such as 'convnet=4,lenet=1'.")
+        pins[name] = version
+    return pins
+
+
+def _addresses(value: str) -> bool:
+    """gunicorn's own rule for forwarded_allow_ips: '*', or IP addresses and networks (host bits unset)."""
+    for item in value.split(","):
+        if item.strip() != "*":
+            ipaddress.ip_network(item.strip())  # ValueError if not
+    return True
+
+
+def _host(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]"
+                            r"{0,61}[A-Za-z0-9])?)*", value) is not None
+
+
+def _origins(value: str) -> bool:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    return items == ["*"] or all(re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#*]+", item) for item in items)
+
+
+def _setting(default, description: str, allowed: Allowed, shown: str | None = None):
+    """``shown``: the default as the README writes it, where the value itself would not say it."""
+    return field(default=default, metadata={"description": description, "allowed": allowed, "shown": shown})
+
+
+# ---- the settings ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Settings:
-    PORT: int = _setting(8080, "TCP port gunicorn listens on")
-    HOST: str = _setting("0.0.0.0", "address gunicorn binds to")
-    MODEL_STORE: Path = _setting(REPO_MODEL_STORE, "folder of <name>/<version>/{model.onnx,metadata.json}")
-    DEFAULT_MODEL: str = _setting("convnet", "model served by /v1/classify and /v1/inspect")
+    PORT: int = _setting(8080, "TCP port gunicorn listens on", whole(1, 65535))
+    HOST: str = _setting("0.0.0.0", "address gunicorn binds to",
+                         text("an IP address or host name, e.g. 0.0.0.0 (every IPv4 interface) or 127.0.0.1", _host))
+    MODEL_STORE: Path = _setting(REPO_MODEL_STORE, "folder of <name>/<version>/{model.onnx,inspect.onnx,metadata.json};"
+                                                   " the image sets /app/model_store",
+                                 path("a readable folder (checked at start)"),
+                                 shown="the repository's model_store/")
+    DEFAULT_MODEL: str = _setting("convnet", "model served by /v1/classify and /v1/inspect",
+                                  text("a model name: letters, digits, '.', '_' and '-', not starting with '.'",
+                                       lambda value: re.fullmatch(NAME, value) is not None))
     MODEL_POLL_SECONDS: float = _setting(10.0, "every worker rescans MODEL_STORE this often: new versions load, "
-                                               "removed ones unload, no restart; 0 = off")
+                                               "removed ones unload, no restart; 0 = off", seconds())
     MODEL_VERSION_POLICY: str = _setting("latest", "which version serves: 'latest', or pins such as "
-                                                   "'convnet=4,lenet=1' (models not named serve their latest)")
-    API_KEYS: str = _setting("", "comma-separated API keys; when set (or API_KEYS_FILE), /v1 and /v2 need one")
-    API_KEYS_FILE: str = _setting("", "file of API keys, one per line (# comments); what a Kubernetes Secret mounts")
-    WORKERS: int = _setting(2, "gunicorn worker processes; one per CPU core is the measured best")
-    INFERENCE_THREADS: int = _setting(0, "real threads per worker that decode and run ONNX Runtime; "
-                                         "0 = the CPUs available / WORKERS (at least 1)")
-    MAX_QUEUE: int = _setting(64, "requests per worker that may wait for an inference thread; more get 503 overloaded")
+                                                   "'convnet=4,lenet=1' (models not named serve their latest)",
+                                         text("'latest', or comma-separated pins <model>=<version>, each model once",
+                                              lambda value: _version_pins(value) is not None))
+    PRECISION: str = _setting("int8", "which graph serves: the INT8 quantized one when a model has it, or FP32",
+                              one_of("int8", "fp32"))
+    API_KEYS: str = _setting("", "comma-separated API keys; when set (or API_KEYS_FILE), /v1 and /v2 need one",
+                             text("any text: keys separated by commas"), shown="(off)")
+    API_KEYS_FILE: str = _setting("", "file of API keys, one per line (# comments); what a Kubernetes Secret mounts",
+                                  path("a readable file holding a key (checked at start), or empty for none",
+                                              empty_ok=True), shown="(off)")
+    WORKERS: int = _setting(2, "gunicorn worker processes; one per CPU core is the measured best", whole(1))
+    INFERENCE_THREADS: int = _setting(0, "real threads per worker that decode and run ONNX Runtime; 0 = the CPUs "
+                                         "available (affinity mask and cgroup CPU limit) / WORKERS, at least 1",
+                                      whole(0, note=" (0 = automatic)"))
+    MAX_QUEUE: int = _setting(64, "requests per worker that may wait for an inference thread; more get 503 overloaded",
+                              whole(1))
     BATCH_IMAGES: int = _setting(8, "most images one ONNX Runtime call takes when waiting requests are batched "
-                                    "together; 1 = no batching")
-    QUEUE_TIMEOUT: float = _setting(1.0, "seconds a request may wait for an inference thread before 503 overloaded")
+                                    "together; 1 = no batching", whole(1))
+    QUEUE_TIMEOUT: float = _setting(1.0, "seconds a request may wait for an inference thread before 503 overloaded",
+                                    seconds(above=True))
     SHED_BACKOFF: float = _setting(0.5, "after a 503 for a full queue, seconds before that connection's next request "
-                                         "is read (clients ignoring Retry-After can't spin the server)")
-    BODY_TIMEOUT: float = _setting(15.0, "seconds a client has to send its whole request body (408 after)")
-    KEEPALIVE: int = _setting(5, "seconds an idle keep-alive connection, or one still sending headers, stays open")
-    WORKER_CONNECTIONS: int = _setting(1000, "open connections per worker (idle and slow ones cost a few kB each)")
-    TIMEOUT: int = _setting(30, "seconds a worker may go without a heartbeat before the master restarts it")
-    GRACEFUL_TIMEOUT: int = _setting(30, "seconds workers get to finish in-flight requests on shutdown")
-    DRAIN_SECONDS: float = _setting(0.0, "on SIGTERM, keep serving this long with /readyz at 503 before stopping")
-    MAX_UPLOAD_BYTES: int = _setting(10 * 1024 * 1024, "largest request body accepted (413 above)")
-    MAX_BATCH_IMAGES: int = _setting(64, "most images in one request (413 above)")
-    MAX_IMAGE_PIXELS: int = _setting(40_000_000, "most pixels in one decoded image, against decompression bombs (413)")
+                                         "is read (clients ignoring Retry-After can't spin the server)", seconds())
+    BODY_TIMEOUT: float = _setting(15.0, "seconds a client has to send its whole request body (408 after)",
+                                   seconds(above=True))
+    KEEPALIVE: int = _setting(5, "seconds an idle keep-alive connection, or one still sending headers, stays open",
+                              whole(1, note=" (seconds)"))
+    WORKER_CONNECTIONS: int = _setting(1000, "open connections per worker (idle and slow ones cost a few kB each)",
+                                       whole(1))
+    TIMEOUT: int = _setting(30, "seconds a worker may go without a heartbeat before the master restarts it",
+                            whole(1, note=" (seconds)"))
+    GRACEFUL_TIMEOUT: int = _setting(30, "seconds workers get to finish in-flight requests on shutdown (the drain "
+                                         "included)", whole(1, note=" (seconds)"))
+    DRAIN_SECONDS: float = _setting(0.0, "on SIGTERM, keep serving this long with /readyz at 503 before stopping",
+                                    seconds(note=", less than GRACEFUL_TIMEOUT"))
+    MAX_UPLOAD_BYTES: int = _setting(10 * 1024 * 1024, "largest request body accepted (413 above)", whole(1))
+    MAX_BATCH_IMAGES: int = _setting(64, "most images in one request (413 above)", whole(1))
+    MAX_IMAGE_PIXELS: int = _setting(40_000_000, "most pixels in one decoded image, against decompression bombs (413)",
+                                     whole(1))
     BODY_BUFFER_BYTES: int = _setting(64 * 1024 * 1024, "most request-body bytes a worker holds at once (read, "
-                                                         "queued or decoding); more get 503 overloaded")
+                                                         "queued or decoding); more get 503 overloaded (one body alone "
+                                                         "always fits)", whole(1))
     DECODE_BUDGET_BYTES: int = _setting(128 * 1024 * 1024, "most bytes the images of one request may take once "
-                                                           "decoded, checked from their headers (413 above)")
-    ORT_INTRA_OP_THREADS: int = _setting(1, "ONNX Runtime threads per inference; 1 suits one worker per core")
-    LOG_LEVEL: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+                                                           "decoded, checked from their headers (413 above); with one "
+                                                           "inference thread per worker this keeps a worker under "
+                                                           "512 MB", whole(1))
+    ORT_INTRA_OP_THREADS: int = _setting(1, "ONNX Runtime threads per inference; 1 suits one worker per core",
+                                         whole(1))
+    LOG_LEVEL: str = _setting("INFO", "log level of the service and gunicorn; logs go to stdout",
+                              one_of("DEBUG", "INFO", "WARNING", "ERROR"))
     FORWARDED_ALLOW_IPS: str = _setting("127.0.0.1,::1", "addresses whose X-Forwarded-* headers are believed; in "
-                                                         "Kubernetes the ingress or mesh proxy's, '*' only behind one")
-    CORS_ORIGINS: str = _setting("", "comma-separated origins allowed by CORS, '*' for any; empty = CORS off")
-    PROMETHEUS_MULTIPROC_DIR: str = _setting("", "metrics folder shared by workers; the gunicorn config sets one")
+                                                         "Kubernetes the ingress or mesh proxy's, '*' only behind one",
+                                        text("'*', or comma-separated IP addresses or networks such as 10.0.0.0/8",
+                                             _addresses))
+    CORS_ORIGINS: str = _setting("", "comma-separated origins allowed by CORS (answers then vary on Origin), or '*' "
+                                     "(a literal *, never a reflected origin); empty = CORS off",
+                                 text("'*', or comma-separated origins such as https://app.example.org "
+                                      "(scheme://host[:port], no path)", _origins), shown="(off)")
+    PROMETHEUS_MULTIPROC_DIR: str = _setting("", "metrics folder shared by workers; empty: the gunicorn config makes "
+                                                 "a private one and removes it on exit",
+                                             path("a folder path (emptied at start), or empty", empty_ok=True),
+                                             shown="(a private temp folder)")
+
+    def __post_init__(self):
+        """Every value is checked here, however the settings were made; each one kept is the parsed one."""
+        problems = []
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            try:
+                object.__setattr__(self, spec.name, spec.metadata["allowed"].accept(value))
+            except (ValueError, TypeError, LookupError):
+                problems.append(problem(spec.name, value, spec.metadata["allowed"].words, spec.metadata["description"]))
+        if not problems and self.DRAIN_SECONDS >= self.GRACEFUL_TIMEOUT:
+            problems.append(problem("DRAIN_SECONDS", f"{self.DRAIN_SECONDS:g}", "a number of seconds less than "
+                                    f"GRACEFUL_TIMEOUT ({self.GRACEFUL_TIMEOUT}), which the drain is part of"))
+        if problems:
+            raise SettingsError(problems)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        """From ``environ`` (the process's environment by default), an empty variable counting as unset; an override
+        (a string or a typed value) wins over both. Raises SettingsError."""
         environ = os.environ if environ is None else environ
-        values = {}
-        for spec in fields(cls):
-            if spec.name in overrides:
-                values[spec.name] = overrides[spec.name]
-            elif spec.name in environ and environ[spec.name] != "":
-                values[spec.name] = _parse(spec.name, type(spec.default), environ[spec.name])
-        return cls(**values)
+        values = {spec.name: environ[spec.name] for spec in fields(cls) if environ.get(spec.name, "") != ""}
+        return cls(**{**values, **overrides})
 
     @property
     def inference_threads(self) -> int:
         """Inference never runs on more threads than cores in total: each worker takes its share."""
-        return self.INFERENCE_THREADS or max(1, available_cpus() // max(1, self.WORKERS))
+        return self.INFERENCE_THREADS or max(1, available_cpus() // self.WORKERS)
 
     @property
     def version_pins(self) -> dict[str, str]:
         """MODEL_VERSION_POLICY's pins: model name → version."""
-        if self.MODEL_VERSION_POLICY.strip() in ("", "latest"):
-            return {}
-        pins = {}
-        for item in self.MODEL_VERSION_POLICY.split(","):
-            name, equals, version = item.strip().partition("=")
-            if not equals or not name.strip() or not version.strip():
-                raise ValueError(f"MODEL_VERSION_POLICY={self.MODEL_VERSION_POLICY!r}: use 'latest' or pins such as "
-                                 "'convnet=4,lenet=1'.")
-            pins[name.strip()] = version.strip()
-        return pins
+        return _version_pins(self.MODEL_VERSION_POLICY)
 
     @property
     def cors_origins(self) -> list[str]:
         return [origin.strip() for origin in self.CORS_ORIGINS.split(",") if origin.strip()]
+
+    def start_problems(self) -> list[str]:
+        """What this machine lacks for these settings: the paths they name (not checked when a Settings is made, so
+        that a manifest naming the image's paths can be checked anywhere)."""
+        problems = []
+        if not (self.MODEL_STORE.is_dir() and os.access(self.MODEL_STORE, os.R_OK | os.X_OK)):
+            problems.append(f"convserve: MODEL_STORE={shlex.quote(str(self.MODEL_STORE))} is not a readable folder")
+        if self.PROMETHEUS_MULTIPROC_DIR:  # made if missing: it, or the folder it would be made in, must be writable
+            folder = Path(self.PROMETHEUS_MULTIPROC_DIR)
+            existing = next(path for path in (folder, *folder.parents) if path.exists())
+            if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+                problems.append(f"convserve: PROMETHEUS_MULTIPROC_DIR={shlex.quote(str(folder))} is not a folder this "
+                                "user can write")
+        return problems
 
     @classmethod
     def describe(cls) -> list[tuple[str, object, str]]:
         return [(f.name, f.default, f.metadata["description"]) for f in fields(cls)]
 
 
+def problem(name: str, value, allowed: str, description: str = "") -> str:
+    """One line: the setting, the value given, what it allows, and (briefly) what the setting is."""
+    given = shlex.quote(value) if isinstance(value, str) else str(value)
+    meaning = re.split(r"[;:] | \(", description, maxsplit=1)[0]
+    return f"convserve: {name}={given} is not allowed: {allowed}" + (f" ({meaning})" if meaning else "")
+
+
+def stop(lines: list[str]) -> NoReturn:
+    """Stop the process as a bad setting does: its lines on stderr, exit status 2, no traceback."""
+    for line in lines:
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
 def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """CPUs this process may use: its affinity mask, narrowed by a cgroup v2 CPU quota (a Kubernetes CPU limit),
-    which the affinity mask does not show."""
+    which the affinity mask does not show. The one place the service counts CPUs."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -114,12 +308,83 @@ def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int
     return cpus
 
 
-def _parse(name: str, kind: type, raw: str):
-    try:
-        if kind is bool:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if issubclass(kind, Path):
-            return Path(raw)
-        return kind(raw)
-    except ValueError as exc:
-        raise ValueError(f"Setting {name}={raw!r} is not a valid {kind.__name__}.") from exc
+# ---- the README's table ---------------------------------------------------------------------------------------------
+
+README = REPO / "README.md"
+TABLE_BEGIN = "<!-- settings table: generated by `python -m service.settings --readme`; a test keeps it equal -->"
+TABLE_END = "<!-- end of the settings table -->"
+
+
+def _code(words: str) -> str:
+    """Plain words as Markdown: quoted values, setting names, paths and routes in backticks (a bare <name> would be
+    taken for an HTML tag)."""
+    names = "|".join(spec.name for spec in fields(Settings))
+
+    def code(match: re.Match) -> str:
+        token = next(group for group in match.groups() if group)
+        if match.group(3):  # a path-like token: a trailing comma or full stop is the sentence's
+            token, end = re.fullmatch(r"(.*?)([,.]?)", token).groups()
+            return f"`{token}`{end}" if re.search(r"\w", token) else token + end
+        return f"`{token}`"
+
+    return re.sub(rf"(?<!\w)'([^']+)'(?!\w)|\b({names})\b|([^\s;()]*[</][^\s;()]*)", code, words)
+
+
+def _shown(spec) -> str:
+    value = spec.default
+    if spec.metadata["shown"] is not None:
+        return _code(spec.metadata["shown"])
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    if spec.name.endswith("_BYTES") and value % 2**20 == 0:
+        return f"`{value}` ({value // 2**20} MiB)"
+    return f"`{value}`"
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | allowed | meaning |", "|---|---|---|---|"]
+    for spec in fields(Settings):
+        cells = [f"`{spec.name}`", _shown(spec), _code(spec.metadata["allowed"].words),
+                 _code(spec.metadata["description"])]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_with_table(readme: str) -> str:
+    """The README with the table between its markers replaced by the generated one."""
+    head, begin, rest = readme.partition(TABLE_BEGIN + "\n")
+    _, end, tail = rest.partition(TABLE_END)
+    if not begin or not end:
+        raise ValueError(f"README.md has no {TABLE_BEGIN!r} ... {TABLE_END!r} markers")
+    return head + begin + markdown_table() + end + tail
+
+
+USAGE = """usage: python -m service.settings [--markdown | --readme]
+  (no option)  check the settings the environment gives, and print them
+  --markdown   print the README's settings table
+  --readme     rewrite that table in README.md"""
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--markdown"]:
+        print(markdown_table(), end="")
+    elif argv == ["--readme"]:
+        README.write_text(readme_with_table(README.read_text()))
+    elif not argv:
+        try:
+            settings = Settings.from_env()
+        except SettingsError as exc:
+            stop(exc.lines)
+        for spec in fields(settings):
+            print(f"{spec.name}={getattr(settings, spec.name)}")
+        problems = settings.start_problems()
+        if problems:
+            stop(problems)
+    else:
+        print(USAGE, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
