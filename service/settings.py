@@ -173,16 +173,16 @@ class Settings:
     INFERENCE_THREADS: int = _setting(0, "real threads per worker that decode and run ONNX Runtime; 0 = the CPUs "
                                          "available (affinity mask and cgroup CPU limit) / WORKERS, at least 1",
                                       whole(0, note=" (0 = automatic)"))
-    MAX_QUEUE: int = _setting(64, "requests per worker that may wait for an inference thread; more get 503 overloaded",
-                              whole(1))
+    MAX_QUEUE: int = _setting(64, "requests per worker that may wait for an inference thread; more are shed at once "
+                                  "(503 overloaded)", whole(1))
     BATCH_IMAGES: int = _setting(8, "most images one ONNX Runtime call takes when waiting requests are batched "
                                     "together; 1 = no batching", whole(1))
     QUEUE_TIMEOUT: float = _setting(1.0, "seconds a request may wait for an inference thread before 503 overloaded",
                                     seconds(above=True))
     SHED_BACKOFF: float = _setting(0.5, "after a 503 for a full queue, seconds before that connection's next request "
                                          "is read (clients ignoring Retry-After can't spin the server)", seconds())
-    BODY_TIMEOUT: float = _setting(15.0, "seconds a client has to send its whole request body (408 after)",
-                                   seconds(above=True))
+    BODY_TIMEOUT: float = _setting(15.0, "seconds a client has to send its whole request body; then 408 "
+                                         "request_timeout and the connection closes", seconds(above=True))
     KEEPALIVE: int = _setting(5, "seconds an idle keep-alive connection, or one still sending headers, stays open",
                               whole(1, note=" (seconds)"))
     WORKER_CONNECTIONS: int = _setting(1000, "open connections per worker (idle and slow ones cost a few kB each)",
@@ -208,8 +208,9 @@ class Settings:
                                          whole(1))
     LOG_LEVEL: str = _setting("INFO", "log level of the service and gunicorn; logs go to stdout",
                               one_of("DEBUG", "INFO", "WARNING", "ERROR"))
-    FORWARDED_ALLOW_IPS: str = _setting("127.0.0.1,::1", "addresses whose X-Forwarded-* headers are believed; in "
-                                                         "Kubernetes the ingress or mesh proxy's, '*' only behind one",
+    FORWARDED_ALLOW_IPS: str = _setting("127.0.0.1,::1", "peers whose X-Forwarded-* headers are believed; in "
+                                                         "Kubernetes your ingress or mesh proxy, '*' only when every "
+                                                         "request comes through one",
                                         text("'*', or comma-separated IP addresses or networks such as 10.0.0.0/8",
                                              _addresses))
     CORS_ORIGINS: str = _setting("", "comma-separated origins allowed by CORS (answers then vary on Origin), or '*' "

@@ -228,3 +228,25 @@ def test_cpus_are_counted_in_one_place():
     offenders = [str(path.relative_to(ROOT)) for path in python_sources("service", "bench")
                  if path.name != "settings.py" and counting.search(path.read_text())]
     assert not offenders, f"use service.settings.available_cpus(): {offenders}"
+
+
+# ---- the README's table is generated from the settings --------------------------------------------------------------
+
+def test_readme_settings_table_is_the_generated_one():
+    from service.settings import README, markdown_table, readme_with_table
+
+    readme = README.read_text()
+    assert readme_with_table(readme) == readme, "run: python -m service.settings --readme"
+    assert markdown_table() in readme
+    for name in NAMES:
+        assert f"| `{name}` |" in markdown_table()
+
+
+def test_markdown_puts_code_in_backticks():
+    from service.settings import markdown_table
+
+    rows = {row.split(" | ")[0].strip("| `"): row for row in markdown_table().splitlines()[2:]}
+    assert "`<name>/<version>/{model.onnx,inspect.onnx,metadata.json}`" in rows["MODEL_STORE"]
+    assert "`convnet=4,lenet=1`" in rows["MODEL_VERSION_POLICY"] and "`/v1/classify`" in rows["DEFAULT_MODEL"]
+    assert "connection's next request" in rows["SHED_BACKOFF"], "an apostrophe is no quote"
+    assert "`67108864` (64 MiB)" in rows["BODY_BUFFER_BYTES"]
