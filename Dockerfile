@@ -43,37 +43,31 @@ RUN groupadd --gid 10001 convserve \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /app/model_store /app/model_store
 
-# Every setting of service/settings.py that matters in a container; override with -e / the pod's env.
 # HOME=/tmp: the user has no home and the root filesystem may be read-only (Kubernetes mounts an emptyDir on /tmp).
 # ORT_DISABLE_TELEMETRY=1: ONNX Runtime's telemetry otherwise tries to persist a device id and upload events, and
 # its uploader aborts the worker process (SIGABRT) on a graceful shutdown.
+# Settings (service/settings.py, which checks them at start): only those the image sets otherwise than the defaults;
+# override any with -e / the pod's env. MODEL_STORE: the image's store (the default is the repository's).
+# INFERENCE_THREADS=1, not 0 (automatic): a container may see the host's CPUs rather than its limit; with the default
+# WORKERS (2), inference runs on 2 threads.
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     ORT_DISABLE_TELEMETRY=1 \
-    PORT=8080 \
-    HOST=0.0.0.0 \
     MODEL_STORE=/app/model_store \
-    DEFAULT_MODEL=convnet \
-    WORKERS=2 \
-    INFERENCE_THREADS=1 \
-    MAX_QUEUE=64 \
-    QUEUE_TIMEOUT=1 \
-    BODY_TIMEOUT=15 \
-    TIMEOUT=30 \
-    GRACEFUL_TIMEOUT=30 \
-    DRAIN_SECONDS=0 \
-    ORT_INTRA_OP_THREADS=1 \
-    LOG_LEVEL=INFO
+    INFERENCE_THREADS=1
 
 WORKDIR /app
 USER 10001:10001
+# The default PORT (tests/test_deploy.py checks it).
 EXPOSE 8080
-# Ready = models loaded and warmed; needs no curl. (Kubernetes ignores HEALTHCHECK and uses its own probes.)
+# Ready = models loaded and warmed; needs no curl; the port as the service reads it. (Kubernetes ignores HEALTHCHECK
+# and uses its own probes.)
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PORT', '8080'), timeout=4)"]
+    CMD ["python3", "-c", "import urllib.request; from service.settings import Settings; urllib.request.urlopen('http://127.0.0.1:%d/readyz' % Settings.from_env().PORT, timeout=4)"]
+# A bad setting stops it before any worker starts: one line naming the setting and what it allows, exit status 2.
 CMD ["gunicorn", "-c", "python:service.gunicorn_config"]
 
 # Last, so that a new commit does not invalidate the layers above. build-image.sh passes both.

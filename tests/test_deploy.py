@@ -95,6 +95,38 @@ def settings_names() -> set[str]:
     return {spec.name for spec in dataclasses.fields(Settings)}
 
 
+# Settings a manifest writes even where they equal the image's value: fields of the manifest are sized against them.
+SIZED_IN_THE_MANIFEST = {
+    "PORT": "the containerPort and the probes",
+    "WORKERS": "the CPU limit",
+    "INFERENCE_THREADS": "the CPU limit (WORKERS x INFERENCE_THREADS)",
+    "GRACEFUL_TIMEOUT": "terminationGracePeriodSeconds",
+    "MODEL_POLL_SECONDS": "the model-volume overlay's point: new versions served without a restart",
+}
+
+
+def image_settings() -> dict[str, str]:
+    """The settings the Dockerfile's final stage sets (ENV)."""
+    final = dockerfile_instructions()
+    final = final[max(i for i, (keyword, _) in enumerate(final) if keyword == "FROM"):]
+    env = {}
+    for keyword, rest in final:
+        if keyword == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(rest))
+    return {name: value for name, value in env.items() if name in settings_names()}
+
+
+def pod_settings(container: dict):
+    """The settings a container runs with: the defaults, then the image's ENV, then the manifest's env."""
+    from service.settings import Settings, SettingsError
+
+    env = {name: value for name, value in env_of(container).items() if value is not None}
+    try:
+        return Settings.from_env({**image_settings(), **env})
+    except SettingsError as exc:
+        pytest.fail(f"container {container['name']}: the service would not start:\n{exc}")
+
+
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
                 "bool", "inf", "nan", "start", "end"}
 
@@ -239,8 +271,10 @@ def test_dockerfile_contract():
     final = instructions[max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"):]
     final_text = "\n".join(f"{keyword} {rest}" for keyword, rest in final)
 
+    from service.settings import Settings
+
     assert ("USER", f"{UID}:{UID}") in final, "the final stage runs as the fixed non-root UID/GID"
-    assert ("EXPOSE", "8080") in final
+    assert ("EXPOSE", str(Settings().PORT)) in final, "the port the service listens on by default"
     assert ("CMD", '["gunicorn", "-c", "python:service.gunicorn_config"]') in final
     assert re.search(r"COPY --from=builder /opt/venv /opt/venv", final_text)
     assert re.search(r"COPY --from=builder /app/model_store /app/model_store", final_text)
@@ -249,6 +283,7 @@ def test_dockerfile_contract():
 
     healthcheck = next(rest for keyword, rest in final if keyword == "HEALTHCHECK")
     assert "python3" in healthcheck and "urllib" in healthcheck and "/readyz" in healthcheck
+    assert "Settings.from_env().PORT" in healthcheck, "the port as the service reads it (and its default)"
     assert "curl" not in healthcheck and "wget" not in healthcheck
 
     env = {}
@@ -256,13 +291,16 @@ def test_dockerfile_contract():
         if keyword == "ENV":
             env.update(item.split("=", 1) for item in shlex.split(rest))
     assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
-    assert env["MODEL_STORE"] == "/app/model_store" and env["PORT"] == "8080"
+    assert env["MODEL_STORE"] == "/app/model_store", "the image's store (the default is the repository's)"
     assert env["PATH"].startswith("/opt/venv/bin:")
     assert env["ORT_DISABLE_TELEMETRY"] == "1", "no ONNX Runtime telemetry uploads from production pods"
     assert env["HOME"] == "/tmp", "the user has no home; /tmp is writable even with a read-only root filesystem"
     unknown = set(env) - settings_names() - {"PATH", "VIRTUAL_ENV", "HOME", "PYTHONDONTWRITEBYTECODE",
                                              "PYTHONUNBUFFERED", "ORT_DISABLE_TELEMETRY"}
     assert not unknown, f"ENV names that service/settings.py does not read: {sorted(unknown)}"
+    image = Settings.from_env(image_settings())  # every value valid (SettingsError otherwise)
+    repeated = [name for name in image_settings() if getattr(image, name) == getattr(Settings(), name)]
+    assert not repeated, f"ENV repeats the defaults of service/settings.py: {repeated}"
 
     builder_text = "\n".join(f"{keyword} {rest}" for keyword, rest in instructions[: len(instructions) - len(final)])
     assert "python3 -m venv /opt/venv" in builder_text
@@ -554,14 +592,15 @@ def test_sizing_follows_the_measurements(serving_pods):
     """WORKERS = CPU limit; one ONNX Runtime thread per worker; memory for WORKERS x 250 MB plus the master."""
     for owner, spec in serving_pods:
         container = spec["containers"][0]
-        env = env_of(container)
+        settings = pod_settings(container)
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
-        assert int(env["WORKERS"]) == quantity(limits["cpu"]), f"{owner}: WORKERS must equal the CPU limit"
-        assert env["INFERENCE_THREADS"] == "1" and env["ORT_INTRA_OP_THREADS"] == "1"
+        assert settings.WORKERS == quantity(limits["cpu"]), f"{owner}: WORKERS must equal the CPU limit"
+        assert env_of(container)["INFERENCE_THREADS"] == "1", f"{owner}: set, as the CPUs a pod sees may be the node's"
+        assert settings.INFERENCE_THREADS == 1 and settings.ORT_INTRA_OP_THREADS == 1
         assert quantity(requests["cpu"]) >= 1
-        assert quantity(limits["memory"]) >= int(env["WORKERS"]) * 250 * 2**20 + 256 * 2**20, \
+        assert quantity(limits["memory"]) >= settings.WORKERS * 250 * 2**20 + 256 * 2**20, \
             f"{owner}: memory limit below WORKERS x 250 MiB + master and upload headroom"
-        assert quantity(requests["memory"]) >= int(env["WORKERS"]) * 250 * 2**20
+        assert quantity(requests["memory"]) >= settings.WORKERS * 250 * 2**20
         assert quantity(requests["memory"]) <= quantity(limits["memory"])
 
 
@@ -570,6 +609,28 @@ def test_env_names_are_service_settings(serving_pods):
     for owner, spec in serving_pods:
         names = set(env_of(spec["containers"][0])) - {"PROTOCOL"}  # PROTOCOL is KServe's
         assert names <= known, f"{owner}: env the service does not read: {sorted(names - known)}"
+
+
+def test_env_values_are_valid_settings_that_repeat_nothing(serving_pods):
+    """Each pod's env passes service/settings.py's checks, and sets only what differs from the image (defaults, then
+    the Dockerfile's ENV), or what a field of the manifest is sized against."""
+    from service.settings import Settings
+
+    image = Settings.from_env(image_settings())
+    for owner, spec in serving_pods:
+        container = spec["containers"][0]
+        settings = pod_settings(container)  # fails with the service's own error lines
+        env = {name: value for name, value in env_of(container).items() if name in settings_names()}
+        repeated = [name for name in env if getattr(settings, name) == getattr(image, name)]
+        unexplained = sorted(set(repeated) - set(SIZED_IN_THE_MANIFEST))
+        assert not unexplained, f"{owner}: env repeats what the image already has: {unexplained}"
+
+
+def test_a_bad_env_value_is_caught_here(base_docs):
+    container = copy.deepcopy(by_kind(base_docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    container["env"].append({"name": "QUEUE_TIMEOUT", "value": "0"})
+    with pytest.raises(pytest.fail.Exception, match="convserve: QUEUE_TIMEOUT=0 is not allowed: a number of seconds"):
+        pod_settings(container)
 
 
 # ---- API keys --------------------------------------------------------------------------------------------------------
@@ -652,16 +713,16 @@ def test_the_shipped_api_keys_are_a_placeholder_that_keeps_the_api_closed(base_d
 
 # ---- the model-volume overlay ----------------------------------------------------------------------------------------
 
-def without_model_volume(deployment: dict, base_store: str) -> dict:
+def without_model_volume(deployment: dict) -> dict:
     """The Deployment as base renders it: no models volume, the image's store, no polling setting."""
     trimmed = copy.deepcopy(deployment)
     spec = trimmed["spec"]["template"]["spec"]
     container = spec["containers"][0]
     container["volumeMounts"] = [mount for mount in container["volumeMounts"] if mount["name"] != "models"]
     spec["volumes"] = [volume for volume in spec["volumes"] if volume["name"] != "models"]
-    env = [item for item in container["env"] if item["name"] != "MODEL_POLL_SECONDS"]
-    container["env"] = sorted(({**item, "value": base_store} if item["name"] == "MODEL_STORE" else item
-                               for item in env), key=lambda item: item["name"])
+    container["env"] = sorted((item for item in container["env"]
+                               if item["name"] not in ("MODEL_STORE", "MODEL_POLL_SECONDS")),
+                              key=lambda item: item["name"])
     return trimmed
 
 
@@ -690,7 +751,7 @@ def test_model_volume_overlay_serves_the_store_from_the_claim(base_docs, model_v
     base_expected = copy.deepcopy(base_deployment)
     base_container = base_expected["spec"]["template"]["spec"]["containers"][0]
     base_container["env"] = sorted(base_container["env"], key=lambda item: item["name"])
-    assert without_model_volume(deployment, env_of(base_container)["MODEL_STORE"]) == base_expected, \
+    assert without_model_volume(deployment) == base_expected, \
         "the overlay changes more of the Deployment than its model store"
 
 
@@ -710,7 +771,7 @@ def test_model_version_job_writes_the_claim_the_pods_read(model_volume_docs, mod
     env = env_of(container)
     assert env["ACTION"] == "publish"
     assert env["MODEL_STORE"] == env_of(serving)["MODEL_STORE"], "the same path as the pods, in messages and logs"
-    assert env["SOURCE_STORE"] == "/app/model_store", "the image's store (Dockerfile)"
+    assert env["SOURCE_STORE"] == image_settings()["MODEL_STORE"], "the image's store (Dockerfile)"
     mount = {mount["mountPath"]: mount for mount in container["volumeMounts"]}[env["MODEL_STORE"]]
     assert not mount.get("readOnly"), "the Job writes the store"
     volume = {volume["name"]: volume for volume in spec["volumes"]}[mount["name"]]
@@ -862,7 +923,7 @@ def test_deployment_probes_and_replicas(base_docs):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "convserve:latest", "kustomize `images` sets the image (override it there)"
     assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
-    assert env_of(container)["PORT"] == "8080"
+    assert pod_settings(container).PORT == container["ports"][0]["containerPort"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     startup = container["startupProbe"]
@@ -877,16 +938,16 @@ def test_graceful_shutdown_budget(serving_pods):
     the kubelet's SIGKILL (terminationGracePeriodSeconds, counted from the start of preStop) comes after both."""
     for owner, spec in serving_pods:
         container = spec["containers"][0]
-        env = env_of(container)
+        settings = pod_settings(container)
         command = container["lifecycle"]["preStop"]["exec"]["command"]
         assert command[0] == "sleep", f"{owner}: preStop sleep (the image has coreutils, no shell needed)"
         pre_stop = int(command[1])
-        graceful, drain = int(env["GRACEFUL_TIMEOUT"]), float(env["DRAIN_SECONDS"])
+        graceful, drain = settings.GRACEFUL_TIMEOUT, settings.DRAIN_SECONDS
         assert pre_stop >= 5, f"{owner}: preStop must outlast endpoint propagation"
         assert 0 < drain < graceful, f"{owner}: the drain happens inside gunicorn's graceful timeout"
         assert spec["terminationGracePeriodSeconds"] > pre_stop + graceful, \
             f"{owner}: terminationGracePeriodSeconds must exceed preStop + GRACEFUL_TIMEOUT"
-        assert int(env["TIMEOUT"]) <= graceful, f"{owner}: a request may take TIMEOUT; graceful must cover it"
+        assert settings.TIMEOUT <= graceful, f"{owner}: a request may take TIMEOUT; graceful must cover it"
 
 
 def test_service_hpa_pdb_and_monitor_select_the_pods(base_docs):
@@ -935,11 +996,8 @@ def test_queue_autoscaling_overlay_adds_queue_depth_to_the_hpa(base_docs, queue_
     assert queue["target"]["type"] == "AverageValue"
     assert "convserve_queue_depth" in exported_metric_names()
     # Scale out well before a pod's queues fill (WORKERS x MAX_QUEUE waiting requests, then 503 queue_full).
-    from service.settings import Settings
-
-    env = env_of(by_kind(queue_docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
-    defaults = {spec.name: spec.default for spec in dataclasses.fields(Settings)}
-    pod_queue = int(env["WORKERS"]) * int(env.get("MAX_QUEUE") or defaults["MAX_QUEUE"])
+    settings = pod_settings(by_kind(queue_docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    pod_queue = settings.WORKERS * settings.MAX_QUEUE
     assert 0 < quantity(queue["target"]["averageValue"]) <= pod_queue / 4
 
 

@@ -225,8 +225,11 @@ def test_image_config(image):
     assert config["User"] == f"{UID}:{UID}"
     assert config["Cmd"] == ["gunicorn", "-c", "python:service.gunicorn_config"]
     assert not config.get("Entrypoint")
-    assert "8080/tcp" in config["ExposedPorts"]
-    assert image.env["PORT"] == "8080" and image.env["MODEL_STORE"] == "/app/model_store"
+    from service.settings import Settings
+
+    settings = Settings.from_env(image.env)  # the image's settings pass the service's checks
+    assert f"{settings.PORT}/tcp" in config["ExposedPorts"]
+    assert str(settings.MODEL_STORE) == "/app/model_store"
     assert image.env["PYTHONDONTWRITEBYTECODE"] == "1" and image.env["PYTHONUNBUFFERED"] == "1"
     assert config["Healthcheck"]["Test"][0] == "CMD", "a HEALTHCHECK (docker format; OCI images drop it)"
     labels = config["Labels"]
@@ -234,6 +237,17 @@ def test_image_config(image):
     assert labels["org.opencontainers.image.version"] == version
     report["revision"] = labels["org.opencontainers.image.revision"]
     assert report["revision"] != "unknown", "build-image.sh labels the image with the git revision"
+
+
+def test_a_bad_setting_stops_the_container_with_one_line(image, container):
+    """The image's own command with WORKERS=0: exit status 2 before any worker, one line naming the setting."""
+    command = (image.config.get("Entrypoint") or []) + image.config["Cmd"]
+    result = buildah_run(container, *command, env={"WORKERS": "0"}, check=False)
+    assert result.returncode != 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "Booting worker" not in output, output
+    assert [line for line in output.splitlines() if line.startswith("convserve:")] == \
+        ["convserve: WORKERS=0 is not allowed: a whole number >= 1 (gunicorn worker processes)"], output
 
 
 def test_image_size_is_within_budget(image):
