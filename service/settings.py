@@ -273,10 +273,6 @@ class Settings:
                                 "user can write")
         return problems
 
-    @classmethod
-    def describe(cls) -> list[tuple[str, object, str]]:
-        return [(f.name, f.default, f.metadata["description"]) for f in fields(cls)]
-
 
 def problem(name: str, value, allowed: str, description: str = "") -> str:
     """One line: the setting, the value given, what it allows, and (briefly) what the setting is."""

@@ -75,12 +75,14 @@ class GunicornServer:
         import sys
         from pathlib import Path
 
+        from service.settings import Settings
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tmp_path) / f"gunicorn-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PORT", "WORKERS", "PROMETHEUS"))}
         self.metrics_dir = Path(tmp_path) / f"metrics-{self.port}"
-        self.workers = int(settings.get("WORKERS", 2))
+        self.workers = int(settings.get("WORKERS", Settings().WORKERS))
         env.update(PORT=str(self.port), HOST="127.0.0.1", LOG_LEVEL="INFO",
                    PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
         env.update({key: str(value) for key, value in settings.items()})

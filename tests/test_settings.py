@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings, SettingsError, available_cpus
+from service.settings import Settings, SettingsError
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,12 +134,6 @@ def test_typed_overrides_are_checked_too():
         with pytest.raises(SettingsError):
             Settings.from_env({}, **overrides)
     assert isinstance(SettingsError(["x"]), ValueError)
-
-
-def test_inference_threads_are_the_cpus_per_worker():
-    assert Settings(WORKERS=1).inference_threads == available_cpus()
-    assert Settings(WORKERS=available_cpus() * 2).inference_threads == 1
-    assert Settings(INFERENCE_THREADS=3).inference_threads == 3
 
 
 def test_version_pins():
