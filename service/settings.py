@@ -110,16 +110,16 @@ def _version_pins(policy: str) -> dict[str, str]:
     for item in policy.split(","):
         name, equals, version = (part.strip() for part in item.partition("="))
         if not equals or not re.fullmatch(NAME, name) or not re.fullmatch(NAME, version) or name in pins:
-            raise ValueError(f"MODEL_VERSION_POLICY={policy!r}: use 'latest' or pins such as 'convnet=4,lenet=1'.")
+            raise ValueError(item)
         pins[name] = version
     return pins
 
 
 def _addresses(value: str) -> bool:
     """gunicorn's own rule for forwarded_allow_ips: '*', or IP addresses and networks (host bits unset)."""
-    for item in value.split(","):
-        if item.strip() != "*":
-            ipaddress.ip_network(item.strip())  # ValueError if not
+    for item in (item.strip() for item in value.split(",") if item):
+        if item != "*":
+            ipaddress.ip_network(item)  # ValueError if not
     return True
 
 
@@ -168,7 +168,7 @@ class Settings:
                              text("any text: keys separated by commas"), shown="(off)")
     API_KEYS_FILE: str = _setting("", "file of API keys, one per line (# comments); what a Kubernetes Secret mounts",
                                   path("a readable file holding a key (checked at start), or empty for none",
-                                              empty_ok=True), shown="(off)")
+                                       empty_ok=True), shown="(off)")
     WORKERS: int = _setting(2, "gunicorn worker processes; one per CPU core is the measured best", whole(1))
     INFERENCE_THREADS: int = _setting(0, "real threads per worker that decode and run ONNX Runtime; 0 = the CPUs "
                                          "available (affinity mask and cgroup CPU limit) / WORKERS, at least 1",
@@ -373,7 +373,8 @@ def main(argv: list[str]) -> int:
         except SettingsError as exc:
             stop(exc.lines)
         for spec in fields(settings):
-            print(f"{spec.name}={getattr(settings, spec.name)}")
+            value = getattr(settings, spec.name)
+            print(f"{spec.name}={'(set, not shown)' if spec.name == 'API_KEYS' and value else value}")
         problems = settings.start_problems()
         if problems:
             stop(problems)

@@ -197,9 +197,10 @@ def test_python_m_service_settings_checks_the_environment():
     assert bad.stderr.splitlines() == [
         "convserve: PORT=x is not allowed: a whole number from 1 to 65535 (TCP port gunicorn listens on)",
         "convserve: WORKERS=0 is not allowed: a whole number >= 1 (gunicorn worker processes)"]
-    good = start([sys.executable, "-m", "service.settings"], WORKERS="3")
+    good = start([sys.executable, "-m", "service.settings"], WORKERS="3", API_KEYS="secret-key")
     assert good.returncode == 0, good.stderr
     assert "WORKERS=3" in good.stdout.splitlines() and len(good.stdout.splitlines()) == len(NAMES)
+    assert "secret-key" not in good.stdout, "keys are never shown"
 
 
 # ---- one reader of the environment, one count of CPUs -------------------------------------------------------------
