@@ -17,6 +17,9 @@ from service.inputs import decode_base64
 DATATYPES = {"FP32": np.float32, "BYTES": object}
 ENCODED_INPUT = "image"  # the BYTES input: not in the ONNX graph, so its name is the service's own
 OUTPUT = "probabilities"
+# The largest |value| an FP32 input may hold: preprocessed images lie within a few units of 0, and inputs around 1e16
+# overflowed the shipped networks to NaN.
+FP32_LIMIT = 1e6
 
 
 def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.ndarray | list[bytes]:
@@ -35,8 +38,9 @@ def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.nda
                             f"{model.input_name!r} {model.input_shape} or BYTES {ENCODED_INPUT!r} [N].")
     shape = tensor.get("shape")
     if (not isinstance(shape, list) or not shape
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            or not all(_whole(d) and d >= 1 for d in shape)):
         raise InvalidTensor("Input shape must be a non-empty list of positive integers, starting with the batch size.")
+    shape = [int(d) for d in shape]
     if shape[0] > max_images:
         raise TooManyImages(f"{shape[0]} images in one request; the limit is {max_images}.")
     if datatype == "FP32" and shape[1:] != list(model.input_shape[1:]):  # before any size is computed from it
@@ -73,6 +77,11 @@ def response(request: dict, model, probabilities: np.ndarray) -> tuple[dict, lis
     return body, blobs
 
 
+def _whole(value) -> bool:
+    """A JSON integer: 3, and 3.0 too (JSON numbers have no separate integer type)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+
+
 def parameters(holder: dict) -> dict:
     value = holder.get("parameters")
     if value is None:
@@ -100,9 +109,9 @@ def _fp32(tensor: dict, shape: list[int], binary: bytes, binary_size) -> np.ndar
         if array.size != expected:
             raise InvalidTensor(f"Input data has {array.size} values; shape {shape} needs {expected}.")
         array = array.reshape(shape)
-    if not np.isfinite(array).all():
-        raise InvalidTensor("Input data holds NaN or infinite values (or numbers beyond float32's range); "
-                            "send finite numbers.")
+    if not (np.abs(array) <= FP32_LIMIT).all():  # NaN fails the comparison too
+        raise InvalidTensor(f"Input data holds NaN, infinite values or numbers beyond ±{FP32_LIMIT:g}; preprocessed "
+                            "images lie within a few units of 0 (GET /v1/models/{name}, input.preprocessing).")
     return array
 
 

@@ -174,7 +174,9 @@ def test_nan_in_binary_fp32_is_refused_and_answers_are_strict_json(server):
                              headers={"Content-Type": "application/octet-stream",
                                       "Inference-Header-Content-Length": str(len(header))})
     assert response.status_code == 400 and "NaN" in response.json()["error"]
-    response = v2(server, fp32([1, 3, 32, 32], [1e30] * 3072))  # huge but finite: served, and strict JSON out
+    response = v2(server, fp32([1, 3, 32, 32], [1e30] * 3072))  # finite, but it could overflow the network to NaN
+    assert response.status_code == 400 and "beyond ±1e+06" in response.json()["error"]
+    response = v2(server, fp32([1, 3, 32, 32], [1e6] * 3072))  # the largest allowed: served, and strict JSON out
     assert response.status_code == 200
     json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} in a response"))
 
