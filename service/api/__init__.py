@@ -8,11 +8,13 @@ import logging
 import time
 from contextlib import contextmanager
 
-from flask import Flask, current_app, g, jsonify, request
+from flask import Flask, Response, current_app, g, request
 from flask.json.provider import DefaultJSONProvider
+from pydantic import BaseModel
 from werkzeug.exceptions import HTTPException
 
 from service import metrics
+from service.api import schemas
 from service.errors import (
     BACKOFF_ENVIRON_KEY,
     HTTP_STATUS_CODES,
@@ -74,14 +76,17 @@ def register_api(app: Flask, settings: Settings) -> None:
             app.after_request(_vary_on_origin)
 
 
+def reply(model: type[BaseModel], body, status: int = 200) -> Response:
+    """A JSON answer built through its model (service/api/schemas.py): a body that does not fit is a server bug,
+    answered 500 and logged, never sent. Fields the view did not set are left out."""
+    document = model.model_validate(body).model_dump_json(exclude_unset=True)
+    return Response(document, status=status, mimetype="application/json")
+
+
 def error_response(status: int, code: str, message: str):
     if request.path.startswith("/v2"):
-        body = {"error": message}  # the Open Inference Protocol's error shape
-    else:
-        body = {"error": {"code": code, "message": message}}
-    response = jsonify(body)
-    response.status_code = status
-    return response
+        return reply(schemas.V2Error, {"error": message}, status)  # the Open Inference Protocol's error shape
+    return reply(schemas.Error, {"error": {"code": code, "message": message}}, status)
 
 
 def _service_error(error: ServiceError):

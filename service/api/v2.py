@@ -7,12 +7,12 @@ The binary tensor extension is supported both ways, so ``tritonclient.http`` wor
 
 from __future__ import annotations
 
-import json
-
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, request
 
 import service
-from service.api import state
+from service.api import reply, state
+from service.api.openapi import Reply, documented
+from service.api.schemas import InferenceResponse, ModelMetadata, ModelReady, ServerLive, ServerMetadata, ServerReady
 from service.errors import InvalidJSON, NotReady
 from service.inputs import parse_json
 from service.oip import ENCODED_INPUT, OUTPUT
@@ -22,27 +22,37 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 @blueprint.get("")
+@documented("Server metadata", "Name, version and protocol extensions.", tags=["inference"],
+            responses={200: ServerMetadata})
 def server_metadata():
-    return jsonify(name="convserve", version=service.__version__, extensions=["binary_tensor_data"])
+    return reply(ServerMetadata, {"name": "convserve", "version": service.__version__,
+                                  "extensions": ["binary_tensor_data"]})
 
 
 @blueprint.get("/health/live")
+@documented("Server liveness", "Always `{\"live\": true}` while the process answers.", tags=["inference", "health"],
+            responses={200: ServerLive})
 def live():
-    return jsonify(live=True)
+    return reply(ServerLive, {"live": True})
 
 
 @blueprint.get("/health/ready")
+@documented("Server readiness", "Ready as /readyz is: 200 `{\"ready\": true}`, else 503 `{\"ready\": false}`.",
+            tags=["inference", "health"], responses={200: ServerReady, 503: ServerReady})
 def ready():
     is_ready = state().registry.ready
-    return jsonify(ready=is_ready), 200 if is_ready else 503
+    return reply(ServerReady, {"ready": is_ready}, 200 if is_ready else 503)
 
 
 @blueprint.get("/models/<name>")
 @blueprint.get("/models/<name>/versions/<version>")
+@documented("Model metadata", "Inputs, outputs, labels and loaded versions. The declared input is FP32 [-1, 3, H, W]; "
+            "`parameters.alternative_input` is the BYTES [-1] input of encoded images.", tags=["inference"],
+            responses={200: ModelMetadata}, errors=(404, 503))
 def model_metadata(name: str, version: str | None = None):
     registry = state().registry
     model = registry.get(name, version)
-    return jsonify(
+    return reply(ModelMetadata, dict(
         name=model.name,
         versions=registry.loaded_versions(model.name),
         platform="onnxruntime_onnx",
@@ -50,29 +60,42 @@ def model_metadata(name: str, version: str | None = None):
         outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(model.labels)]}],
         parameters={"labels": model.labels, "alternative_input": {"name": ENCODED_INPUT, "datatype": "BYTES",
                                                                   "shape": [-1]}},
-    )
+    ))
 
 
 @blueprint.get("/models/<name>/ready")
 @blueprint.get("/models/<name>/versions/<version>/ready")
+@documented("Model readiness", "200 when the model (version) can serve; 503 with `ready: false` while it loads or "
+            "when it failed to load.", tags=["inference", "health"], responses={200: ModelReady, 503: ModelReady},
+            errors=(404,))
 def model_ready(name: str, version: str | None = None):
     try:
         model = state().registry.get(name, version)
     except NotReady:
-        return jsonify(name=name, ready=False), 503
-    return jsonify(name=model.name, ready=model.ready)
+        return reply(ModelReady, {"name": name, "ready": False}, 503)
+    return reply(ModelReady, {"name": model.name, "ready": model.ready})
 
 
 @blueprint.post("/models/<name>/infer")
 @blueprint.post("/models/<name>/versions/<version>/infer")
+@documented("Inference", "Runs the model on one input tensor and answers with its outputs: `probabilities` FP32 "
+            "[N, labels], in the label order of the model metadata's `parameters.labels`. Works with "
+            "tritonclient.http, KServe and MLServer clients, the binary tensor extension included, both ways.",
+            tags=["inference"], responses={200: Reply(
+                "The outputs: as JSON, or, when any was asked for as binary data, as application/octet-stream: the "
+                "response JSON (its length in `Inference-Header-Content-Length`), then each binary output.",
+                {"application/json": InferenceResponse, "application/octet-stream": {"type": "string"}},
+                {HEADER_LENGTH: {"description": "On binary answers: the length of the JSON at the start of the body.",
+                                 "schema": {"type": "integer", "minimum": 0}}})},
+            errors=(400, 404, 413, 503), body="InferenceRequest")
 def infer(name: str, version: str | None = None):
     app = state()
     model = app.registry.get(name, version)
     header, binary = _split_body()
     body, blobs = app.pipeline.infer(model, header, binary)
     if not blobs:
-        return jsonify(body)
-    json_part = json.dumps(body).encode()
+        return reply(InferenceResponse, body)
+    json_part = InferenceResponse.model_validate(body).model_dump_json(exclude_unset=True).encode()
     response = Response(json_part + b"".join(blobs), content_type="application/octet-stream")
     response.headers[HEADER_LENGTH] = str(len(json_part))
     return response
