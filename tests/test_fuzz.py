@@ -79,7 +79,7 @@ def test_the_server_keeps_its_document(server):
     ``from_fixture`` fails on pytest 9.2, which has no ``Node._nodeid``.)"""
     config = SchemathesisConfig.from_dict({
         "seed": SEED,
-        "generation": {"max-examples": EXAMPLES, "mode": "all"},
+        "generation": {"max-examples": EXAMPLES, "mode": "all", "database": "none"},  # no replays: seeded alone
         "request-timeout": 60,
         # A request over a documented limit (more images than MAX_BATCH_IMAGES) is refused with 413: a rejection.
         "checks": {"negative_data_rejection": {"expected-statuses": [
