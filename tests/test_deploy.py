@@ -1100,6 +1100,31 @@ def test_shedding_alert_is_the_shed_share_of_inference_requests():
         assert word in alert["annotations"]["description"], f"the description should say what to do ({word})"
 
 
+def test_drift_alerts_compare_the_served_answers_with_the_baselines():
+    """ConvserveOutOfDomainShareHigh and ConvserveConfidenceDrift: per model version, what is served against what
+    validation measured at export (convserve_model_baseline), sustained, and only with enough traffic."""
+    rules = {rule.get("alert") or rule["record"]: rule for group in rule_groups() for rule in group["rules"]}
+
+    def sources(name: str) -> set[str]:  # the metrics a rule reads, through the recording rules it uses
+        found = set()
+        for used in promql_metric_names(rules[name]["expr"]):
+            found |= {used} | (sources(used) if used in rules else set())
+        return found
+
+    for name in ("ConvserveOutOfDomainShareHigh", "ConvserveConfidenceDrift"):
+        alert = rules[name]
+        assert alert["for"] == "30m" and alert["labels"]["severity"] == "warning", name
+        assert "convserve_model_baseline" in sources(name), f"{name} compares with the baselines"
+        assert "on (namespace, job, model, version)" in alert["expr"], f"{name}: per model version"
+        assert re.search(r"and on \(namespace, job, model, version\) \S+ > 0\.1$", alert["expr"]), \
+            f"{name}: a traffic floor, so that a quiet service does not alert"
+        for words in ("recent inputs", "retrain", "recalibrate", "/v1/models/", "baselines"):
+            assert words in alert["annotations"]["description"], f"{name}: the description should say {words!r}"
+    assert {"convserve_out_of_domain_total", "convserve_confidence_count"} <= sources("ConvserveOutOfDomainShareHigh")
+    assert "convserve_confidence_sum" in sources("ConvserveConfidenceDrift")
+    assert "abs(" in rules["ConvserveConfidenceDrift"]["expr"], "confidence drift both ways"
+
+
 def test_every_alert_is_tested_firing_and_not_firing():
     alerts = {rule["alert"] for group in rule_groups() for rule in group["rules"] if "alert" in rule}
     tests = yaml.safe_load((PROM / "rules_test.yml").read_text())
