@@ -1230,21 +1230,43 @@ def test_dashboard_panels_cover_the_brief():
     assert "convserve_shed_total" in share and INFERENCE_ROUTES in share, "the same share as ConvserveSheddingLoad"
     # models and access: the panels sit in their row (below it, above the next row)
     panels = dashboard()["panels"]
-    models_row = next(panel for panel in panels if panel["title"] == "Models and access")
-    assert models_row["type"] == "row"
-    top = models_row["gridPos"]["y"]
-    bottom = min([panel["gridPos"]["y"] for panel in panels if panel["type"] == "row" and panel["gridPos"]["y"] > top],
-                 default=10**6)
-    in_row = {panel["title"] for panel in panels if top < panel["gridPos"]["y"] < bottom}
+
+    def in_row(title: str) -> set[str]:
+        row = next(panel for panel in panels if panel["title"] == title)
+        assert row["type"] == "row"
+        top = row["gridPos"]["y"]
+        bottom = min([panel["gridPos"]["y"] for panel in panels
+                      if panel["type"] == "row" and panel["gridPos"]["y"] > top], default=10**6)
+        return {panel["title"] for panel in panels if top < panel["gridPos"]["y"] < bottom}
+
     wanted = {
-        "Served version per model (pods serving it)": r"sum by \(model, version\) \(convserve_model_served\{",
-        "Loaded versions per model (pods with it loaded)": r"sum by \(model, version\) \(convserve_model_loaded\{",
-        "Model load failures": r"sum by \(model, version\) \(increase\(convserve_model_load_failures_total\{",
-        "Auth failures/s by reason": r"sum by \(reason\) \(rate\(convserve_auth_failures_total\{",
+        "Models and access": {
+            "Served version per model (pods serving it)": r"sum by \(model, version\) \(convserve_model_served\{",
+            "Loaded versions per model (pods with it loaded)": r"sum by \(model, version\) \(convserve_model_loaded\{",
+            "Model load failures": r"sum by \(model, version\) \(increase\(convserve_model_load_failures_total\{",
+            "Auth failures/s by reason": r"sum by \(reason\) \(rate\(convserve_auth_failures_total\{",
+        },
+        # drift: what is served against what validation measured, over the hour the drift alerts look at
+        "Drift: confidence and none-of-these": {
+            "Mean confidence served vs baseline (1h)":
+                r"rate\(convserve_confidence_sum\{[^}]*\}\[1h\]\).*rate\(convserve_confidence_count\{"
+                r".*convserve_model_baseline\{[^}]*quantity=\"mean_confidence\"",
+            "Out-of-domain (none of these) share vs baseline (1h)":
+                r"rate\(convserve_out_of_domain_total\{[^}]*\}\[1h\]\).*rate\(convserve_confidence_count\{"
+                r".*convserve_model_baseline\{[^}]*quantity=\"out_of_domain_share\"",
+            "Confidence distribution": r"sum by \(le\) \(increase\(convserve_confidence_bucket\{",
+            "Domain score p10 / p50 and mean vs baseline (1h)":
+                r"histogram_quantile\(0\.1, sum by \(model, version, le\) \(rate\(convserve_domain_score_bucket\{"
+                r".*quantity=\"mean_domain_score\"",
+            "Precision serving (pods per model version)":
+                r"count by \(model, version, precision\) \(convserve_model_info\{",
+        },
     }
-    for title, pattern in wanted.items():
-        assert title in in_row, f"{title!r} is not in the row 'Models and access'"
-        assert re.search(pattern, exprs[title]), f"{title}: {exprs[title]}"
+    for row, row_panels in wanted.items():
+        titles = in_row(row)
+        for title, pattern in row_panels.items():
+            assert title in titles, f"{title!r} is not in the row {row!r}"
+            assert re.search(pattern, exprs[title]), f"{title}: {exprs[title]}"
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path):
