@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from service.metadata import ModelMetadata
 from service.model import OnnxModel
 from service.preprocessing import InputSpec, decode, normalize
 from service.registry import ModelRegistry
@@ -22,7 +23,7 @@ from training import data
 from training import train as training_loop
 from training.__main__ import main
 from training.config import PRESETS, TrainConfig, field_help
-from training.export import ParityError, check_parity, write_graphs
+from training.export import Classifier, ParityError, check_parity, write_graphs
 from training.models import LeNet, build, keep_first_classes
 from training.train import augment, cutmix, self_distill_share
 
@@ -245,8 +246,6 @@ def test_every_hyperparameter_is_described_and_presets_are_valid():
 
 # --- end to end ------------------------------------------------------------------------------------------------------
 
-REQUIRED_METADATA = {"name", "version", "created_at", "labels", "input", "outputs", "files", "sha256",
-                     "inspect_sha256", "inspection", "architecture", "training", "data", "metrics", "parity"}
 
 
 @pytest.fixture(scope="module")
@@ -266,23 +265,27 @@ def test_tiny_run_writes_a_complete_version(tiny_run):
     store, _ = tiny_run
     folder = store / "convnet-smoke" / "1"
     names = {p.name for p in folder.iterdir()}
-    assert {"model.onnx", "inspect.onnx", "metadata.json", "metrics.json", "confusion_matrix.png",
-            "training_curves.png"} <= names
+    assert {"model.onnx", "inspect.onnx", "filters.npy", "metadata.json", "metrics.json", "confusion_matrix.png",
+            "training_curves.png", "reliability.png"} <= names
+    assert ModelMetadata.read(folder / "metadata.json").labels == LABELS  # the service's schema reads it
     metadata = json.loads((folder / "metadata.json").read_text())
-    assert REQUIRED_METADATA <= set(metadata)
     assert metadata["labels"] == LABELS
-    assert metadata["sha256"] == hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    for role in ("model", "inspect", "filters"):
+        stored = metadata["files"][role]
+        assert stored["sha256"] == hashlib.sha256((folder / stored["path"]).read_bytes()).hexdigest()
     assert metadata["input"]["shape"] == [-1, 3, 32, 32]
     assert set(metadata["input"]["preprocessing"]) >= {"height", "width", "mean", "std", "scale", "resize"}
     assert metadata["training"]["config"]["arch"] == "convnet"
     assert 0 <= metadata["training"]["wall_time_s"] <= metadata["training"]["total_wall_time_s"]
     assert metadata["training"]["versions"]["torch"] and metadata["training"]["hardware"]["cpu_count"]
-    assert metadata["data"]["extra_counts"] == {"horse": 6, "frog": 6}
+    # A quarter of the other classes is held out: the "none of these" rule is measured on images never trained on.
+    assert metadata["data"]["extra_counts"] == {"horse": 4, "frog": 4}
+    assert metadata["data"]["other_validation_counts"] == {"horse": 2, "frog": 2}
     assert metadata["data"]["validation_counts"] == {label: 3 for label in LABELS}
     assert set(metadata["metrics"]["validation"]["per_class"]) == set(LABELS)
     assert all(check["max_abs_diff"] <= 1e-4 for check in metadata["parity"].values())
     assert metadata["inspection"]["class_maps"] == "class_maps"
-    # 36 product + 12 extra training images in batches of 12: 4 steps on all, then 3 on the product labels only.
+    # 36 product + 8 extra training images in batches of 12: 4 steps on all, then 3 on the product labels only.
     assert metadata["training"]["steps"] == 4 + 3
     history = json.loads((folder / "metrics.json").read_text())["history"]
     assert [row["focus"] for row in history] == [False, True]
@@ -294,8 +297,9 @@ def test_tiny_run_is_loadable_by_the_service(tiny_run):
     model = OnnxModel(store / "convnet-smoke" / "1")
     model.load()
     assert model.ready and model.labels == LABELS
-    probabilities = model.predict(np.zeros((2, 3, 32, 32), np.float32))
-    assert probabilities.shape == (2, 4) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    outputs = model.predict(np.zeros((2, 3, 32, 32), np.float32))
+    assert outputs.probabilities.shape == (2, 4) and np.allclose(outputs.probabilities.sum(1), 1, atol=1e-5)
+    assert outputs.domain_score.shape == (2,) and outputs.in_domain.dtype == np.bool_
     registry = ModelRegistry(Settings.from_env({}, MODEL_STORE=store, DEFAULT_MODEL="convnet-smoke"))
     registry.load_all()
     assert registry.ready and registry.get().version == "1"
@@ -351,8 +355,10 @@ def test_an_interrupted_run_goes_on_from_its_checkpoint_to_the_same_model(tmp_pa
     assert [row["train_loss"] for row in resumed["history"]] == [row["train_loss"] for row in straight["history"]]
     metadata = json.loads((tmp_path / "resumed" / "convnet-smoke" / "1" / "metadata.json").read_text())
     assert metadata["training"]["resumed"] == {"after_epoch": 2, "changed": {}}
-    # A finished run's checkpoint cannot be continued: it says so instead of silently retraining.
-    assert train("again", "--checkpoint", str(checkpoint)) == 2
+    # A finished run's checkpoint trains no more: it is exported again, as it was.
+    assert train("again", "--checkpoint", str(checkpoint)) == 0
+    again = json.loads((tmp_path / "again" / "convnet-smoke" / "1" / "metrics.json").read_text())
+    assert again["validation"] == straight["validation"]
 
 
 def test_self_distillation_share_rises_over_the_focus_epochs():
@@ -376,18 +382,18 @@ class TracedBranch(LeNet):
 
 def test_parity_check_refuses_a_graph_that_differs_from_pytorch(tmp_path):
     inputs = np.abs(np.random.default_rng(0).normal(size=(8, 3, 32, 32))).astype(np.float32)
-    write_graphs(LeNet(4).eval(), tmp_path, tta_flip=False, parity_inputs=inputs, properties={})  # agrees
+    write_graphs(Classifier(LeNet(4).eval(), tta_flip=False), tmp_path, inputs, properties={})  # agrees
     with pytest.raises(ParityError, match="differs from PyTorch"):
-        write_graphs(TracedBranch(4).eval(), tmp_path, tta_flip=False, parity_inputs=inputs, properties={})
+        write_graphs(Classifier(TracedBranch(4).eval(), tta_flip=False), tmp_path, inputs, properties={})
 
 
 def test_check_parity_tolerance(tmp_path):
     inputs = np.random.default_rng(1).normal(size=(4, 3, 32, 32)).astype(np.float32)
     model = LeNet(4).eval()
-    write_graphs(model, tmp_path, tta_flip=True, parity_inputs=inputs, properties={})
+    write_graphs(Classifier(model, tta_flip=True, temperature=2.0), tmp_path, inputs, properties={})
     with torch.no_grad():
         logits = (model(torch.from_numpy(inputs)) + model(torch.from_numpy(inputs).flip(3))) / 2
-    reference = {"logits": logits.numpy()}
+    reference = {"probabilities": torch.softmax(logits / 2.0, dim=1).numpy(), "logits": logits.numpy()}
     assert check_parity(tmp_path / "model.onnx", reference, inputs)["max_abs_diff"] <= 1e-4
     reference["logits"] = reference["logits"] + 2e-4
     with pytest.raises(ParityError):
@@ -423,6 +429,7 @@ def test_evaluate_command_measures_a_stored_model(tiny_run, capsys):
     assert main(["evaluate", str(store / "convnet-smoke" / "1"), "--data", str(tree)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 48 and 0 <= report["accuracy"] <= 1
+    assert report["precision"] in ("int8", "fp32")
 
 
 def test_only_the_default_and_lenet_presets_publish_under_the_served_names():

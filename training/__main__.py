@@ -9,27 +9,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from service.model import ModelLoadError, OnnxModel
 from service.preprocessing import InputSpec, normalize
 from training import data
 from training.config import PRESETS, TrainConfig, field_help, from_preset
 from training.data import PRODUCT_LABELS, DataError
-from training.evaluate import StoredModel, classification_metrics, onnx_probabilities, plot_confusion, plot_curves
-from training.export import (
-    ParityError,
-    discard,
-    environment,
-    inspection_outputs,
-    next_version,
-    publish,
-    sha256_of,
-    staging_folder,
-    utc_now,
-    write_graphs,
-    write_json,
-)
-from training.models import build, keep_first_classes, parameter_count
+from training.evaluate import classification_metrics, plot_confusion
+from training.export import ParityError
+from training.models import build
 
 DESCRIPTION = """\
 Train the four-class ConvNet (dog, cat, boat, bird), evaluate it, and publish it to the model store.
@@ -79,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluate_parser.add_argument("--split", choices=["train", "test"], default="train",
                                  help="which CIFAR batches to read (ignored for folder trees)")
     evaluate_parser.add_argument("--plot", type=Path, help="write the confusion matrix PNG here")
+    evaluate_parser.add_argument("--precision", choices=["int8", "fp32"], default="int8",
+                                 help="which graph to measure when the version has both (default: int8, as served)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             overrides = {name: getattr(args, name) for name in field_help()}
             return train_command(args, from_preset(args.preset, **overrides))
         return evaluate_command(args)
-    except (DataError, ParityError, FileExistsError, ValueError) as exc:
+    except (DataError, ParityError, FileExistsError, ModelLoadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -97,7 +87,10 @@ def model_name(preset: str, arch: str) -> str:
 
 
 def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
-    from training.train import fit, seed_everything  # torch import deferred so --help is instant
+    # torch and the quantizer are imported here, so --help is instant
+    from training import quantize
+    from training.publish import Release, publish_model, release_record
+    from training.train import fit, seed_everything
 
     started = time.perf_counter()
     name = args.name or model_name(args.preset, config.arch)
@@ -117,7 +110,8 @@ def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
             train_part = data.merge(train_part, extra_train)
             summary.update(extra_counts=extra_train.counts())
     pixels = train_part.images.reshape(-1, 3).astype(np.float64) / 255.0
-    spec = InputSpec(height=32, width=32, mean=tuple(round(float(v), 4) for v in pixels.mean(0)),
+    height, width = train_part.images.shape[1:3]  # the size the images were decoded to
+    spec = InputSpec(height=height, width=width, mean=tuple(round(float(v), 4) for v in pixels.mean(0)),
                      std=tuple(round(float(v), 4) for v in pixels.std(0)))
     del pixels
     train_inputs, val_inputs = normalize(train_part.images, spec), normalize(val.images, spec)
@@ -127,62 +121,42 @@ def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
     model = build(config.arch, len(train_part.label_names), config.width, config.residual_blocks())
     final, history, run_info = fit(config, train_part, train_inputs, val, val_inputs, model, len(labels),
                                    progress=not args.no_progress, checkpoint=args.checkpoint)
-    keep_first_classes(final, len(labels))
-    version = next_version(args.store, name)
-    staging = staging_folder(args.store, name)
-    try:
-        properties = {"labels": json.dumps(labels), "name": name, "version": str(version)}
-        parity = write_graphs(final, staging, config.tta_flip, val_inputs[:256], properties)
-        session = ort.InferenceSession(str(staging / "model.onnx"), providers=["CPUExecutionProvider"])
-        metrics = classification_metrics(onnx_probabilities(session, val_inputs), val.labels, labels)  # as shipped
-        plot_confusion(metrics, staging / "confusion_matrix.png", f"{name} v{version} validation")
-        plot_curves(history.rows, staging / "training_curves.png", f"{name} v{version}")
-        write_json(staging / "metrics.json", {"validation": metrics, "history": history.rows})
-        metadata = {
-            "name": name,
-            "version": str(version),
-            "created_at": utc_now(),
-            "labels": labels,
-            "input": {"name": "input", "dtype": "float32", "shape": [-1, 3, spec.height, spec.width],
-                      "preprocessing": spec.to_metadata()},
-            "outputs": [{"name": "probabilities", "dtype": "float32", "shape": [-1, len(labels)]},
-                        {"name": "logits", "dtype": "float32", "shape": [-1, len(labels)]}],
-            "files": {"model": "model.onnx", "inspect": "inspect.onnx"},
-            "sha256": sha256_of(staging / "model.onnx"),
-            "inspect_sha256": sha256_of(staging / "inspect.onnx"),
-            "inspection": {"stages": inspection_outputs(final, (3, spec.height, spec.width)),
-                           "class_maps": "class_maps" if final.cam_stage else None,
-                           "cam_stage": final.cam_stage,
-                           "first_conv": next(s["name"] for s in inspection_outputs(final, (3, 32, 32))
-                                              if s["kind"] == "conv")},
-            "architecture": {"name": config.arch, "parameters": parameter_count(final),
-                             "tta_flip": config.tta_flip, "description": (final.__doc__ or "").split("\n")[0]},
-            "training": {"config": config.to_dict(), "preset": args.preset, **run_info,
-                         "total_wall_time_s": round(time.perf_counter() - started, 1), **environment()},
-            "data": summary,
-            "metrics": {"validation": {k: metrics[k] for k in ("accuracy", "loss", "count", "per_class")},
-                        "confusion_matrix": metrics["confusion_matrix"]},
-            "parity": parity,
-        }
-        write_json(staging / "metadata.json", metadata)
-        target = publish(staging, args.store, name, version)
-    except BaseException:
-        discard(staging)
-        raise
-    print(f"published {target}: validation accuracy {metrics['accuracy']:.2%}, "
-          f"training {run_info['wall_time_s']:.0f} s, parity max |diff| "
-          f"{max(p['max_abs_diff'] for p in parity.values()):.1e}")
+    product_train = np.flatnonzero(train_part.labels < len(labels))
+    chosen = np.random.default_rng(config.seed).choice(
+        product_train, min(quantize.CALIBRATION_IMAGES, len(product_train)), replace=False)
+    release = Release(
+        name=name, labels=labels, spec=spec, val_inputs=val_inputs, val_labels=val.labels,
+        other_inputs=normalize(other_val.images, spec) if other_val is not None else None,
+        calibration_inputs=train_inputs[np.sort(chosen)],
+        record=release_record(config, args.preset, run_info, round(time.perf_counter() - started, 1), summary,
+                              (final.__doc__ or "").split("\n")[0]))
+    del train_inputs
+    target, metadata = publish_model(final, config.tta_flip, history.rows, release, args.store)
+    figures = metadata.metrics
+    int8 = figures.quantization
+    print(f"published {target}: validation accuracy {figures.validation.accuracy:.2%}, "
+          f"ECE {figures.calibration.before.ece:.3f} → {figures.calibration.after.ece:.3f} "
+          f"(T = {figures.calibration.temperature:.3f}), "
+          + (f"other classes flagged {figures.domain.other_flagged:.1%} at {figures.domain.own_flagged:.1%} of its "
+             f"own, " if figures.domain.other_flagged is not None else "")
+          + (f"INT8 {int8.int8.accuracy:.2%} ({int8.int8.latency_ms:.2f} vs {int8.fp32.latency_ms:.2f} ms)"
+             if int8.accepted else f"INT8 refused: {'; '.join(int8.problems)}")
+          + f"; training {run_info['wall_time_s']:.0f} s")
     return 0
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    stored = StoredModel(args.model_dir)
-    images = data.load(args.data, tuple(stored.labels), spec=stored.spec, cifar_split=args.split)
-    metrics = classification_metrics(stored.probabilities(normalize(images.images, stored.spec)), images.labels,
-                                     stored.labels)
+    model = OnnxModel(args.model_dir, intra_op_threads=0, precision=args.precision)
+    model.load()
+    images = data.load(args.data, tuple(model.labels), spec=model.spec, cifar_split=args.split)
+    inputs = normalize(images.images, model.spec)
+    probabilities = np.concatenate([model.predict(inputs[start:start + 500]).probabilities
+                                    for start in range(0, len(inputs), 500)])
+    metrics = classification_metrics(probabilities, images.labels, model.labels)
     if args.plot:
-        plot_confusion(metrics, args.plot, f"{stored.metadata['name']} v{stored.metadata['version']}")
-    print(json.dumps({k: metrics[k] for k in ("accuracy", "count", "per_class", "confusion_matrix")}, indent=2))
+        plot_confusion(metrics, args.plot, f"{model.name} v{model.version} ({model.precision})")
+    print(json.dumps({"precision": model.precision, **{k: metrics[k] for k in ("accuracy", "count", "per_class",
+                                                                                "confusion_matrix")}}, indent=2))
     return 0
 
 

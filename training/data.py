@@ -123,7 +123,8 @@ def _load_tree(root: Path, labels: tuple[str, ...] | None, spec: InputSpec, prog
                                 "Remove it from the data root.")
             files.append((path, index))
     images = np.empty((len(files), spec.height, spec.width, 3), dtype=np.uint8)
-    for i, (path, _) in enumerate(tqdm(files, desc=f"reading {root.name}", unit="img", disable=None if progress else True,
+    bar_off = None if progress else True  # None: a bar only when stderr is a terminal
+    for i, (path, _) in enumerate(tqdm(files, desc=f"reading {root.name}", unit="img", disable=bar_off,
                                        mininterval=1.0)):
         try:
             images[i] = decode(path.read_bytes(), spec)

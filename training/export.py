@@ -1,7 +1,8 @@
 """Export to ONNX, prove parity with PyTorch, and publish a new version into the model store.
 
 Two graphs are written:
-- ``model.onnx``: input ``input`` float32 [N,3,H,W] → ``probabilities`` (softmax in the graph) and ``logits``;
+- ``model.onnx``: input ``input`` float32 [N,3,H,W] → ``probabilities`` (calibrated softmax in the graph),
+  ``domain_score`` and ``in_domain`` (the "none of these" answer) and the raw ``logits``;
 - ``inspect.onnx``: the same network, also returning every stage by name and class activation maps,
   so classify requests never pay for inspection.
 A version is published by renaming a finished temporary folder, so a half-written model is never visible,
@@ -27,6 +28,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from training.calibration import DomainRule
+from training.models import first_conv_weight, keep_first_classes
+
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
 
@@ -36,36 +40,86 @@ class ParityError(Exception):
 
 
 class Classifier(nn.Module):
-    """What classify runs: logits (averaged with the mirrored image when ``tta_flip``) and their softmax."""
+    """What classify runs. Logits (averaged with the mirrored image when ``tta_flip``) → calibrated probabilities
+    softmax(logits / T), and the "none of these" answer: domain_score and in_domain (see training/calibration.py).
 
-    def __init__(self, model: nn.Module, tta_flip: bool):
+    ``other_head`` holds the auxiliary classes' rows of the trained head (None when the model had none): their logits
+    give the domain score's label mass, and are never part of the probabilities.
+    """
+
+    def __init__(self, model: nn.Module, tta_flip: bool, temperature: float = 1.0,
+                 other_head: nn.Linear | None = None, rule: DomainRule | None = None):
         super().__init__()
         self.model = model
         self.tta_flip = tta_flip
+        self.temperature = temperature
+        self.other_head = other_head
+        self.rule = rule or DomainRule("energy", 1.0, 0.0, 0.0)
 
-    def logits(self, x: torch.Tensor, stages: list | None = None) -> torch.Tensor:
-        logits = stages[-1][2] if stages is not None else self.model(x)
+    def logits_and_features(self, x: torch.Tensor, stages: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The label logits and the head's input (for the auxiliary rows), flip-averaged when ``tta_flip``."""
+        stages = stages if stages is not None else self.model.forward_stages(x)
+        logits, features = stages[-1][2], stages[-2][2]
         if self.tta_flip:
-            logits = (logits + self.model(x.flip(3))) / 2
-        return logits
+            mirrored = self.model.forward_stages(x.flip(3))
+            logits, features = (logits + mirrored[-1][2]) / 2, (features + mirrored[-2][2]) / 2
+        return logits, features
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.logits(x)
-        return torch.softmax(logits, dim=1), logits
+    def raw_score(self, name: str, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``energy``: log-sum-exp of the label logits; ``label_mass``: log of the softmax mass on the labels
+        among all trained classes (needs ``other_head``)."""
+        labels = torch.logsumexp(logits, dim=1)
+        if name == "energy":
+            return labels
+        return labels - torch.logsumexp(torch.cat([logits, self.other_head(features)], dim=1), dim=1)
+
+    def raw_scores(self, logits: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = ["energy"] + (["label_mass"] if self.other_head is not None else [])
+        return {name: self.raw_score(name, logits, features) for name in names}
+
+    def raw_domain(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.raw_score(self.rule.score, logits, features)
+
+    def answers(self, logits: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        score = torch.sigmoid(self.rule.slope * self.raw_domain(logits, features) + self.rule.offset)
+        return torch.softmax(logits / self.temperature, dim=1), score, score >= self.rule.threshold
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, features = self.logits_and_features(x)
+        return (*self.answers(logits, features), logits)
+
+
+CLASSIFY_OUTPUTS = ["probabilities", "domain_score", "in_domain", "logits"]
 
 
 class Inspector(Classifier):
-    """Every stage of the network by name, the classifier's probabilities, and class activation maps."""
+    """Every stage of the network by name, the classifier's answers, and class activation maps."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         stages = self.model.forward_stages(x)
-        probabilities = torch.softmax(self.logits(x, stages), dim=1)
-        outputs = [value for _, _, value in stages] + [probabilities]
+        answers = self.answers(*self.logits_and_features(x, stages))
+        outputs = [value for _, _, value in stages] + list(answers)
         if self.model.cam_stage is not None:
             features = dict((name, value) for name, _, value in stages)[self.model.cam_stage]
             # CAM_c(y, x) = sum_k w_ck * f_k(y, x): the head applied at every position before global averaging.
             outputs.append(torch.einsum("ck,nkhw->nchw", self.model.head.weight, features))
         return tuple(outputs)
+
+
+def split_heads(model: nn.Module, count: int) -> nn.Linear | None:
+    """Keep the head's first ``count`` rows (the labels) in the model, in place; return the auxiliary classes' rows
+    as a head of their own (None when there are none). Softmax over the kept logits is exactly the trained model's
+    prediction given that the image is one of the labels."""
+    head: nn.Linear = model.head
+    if head.out_features == count:
+        return None
+    others = nn.Linear(head.in_features, head.out_features - count, bias=head.bias is not None)
+    with torch.no_grad():
+        others.weight.copy_(head.weight[count:])
+        if head.bias is not None:
+            others.bias.copy_(head.bias[count:])
+    keep_first_classes(model, count)
+    return others.eval()
 
 
 def inspection_outputs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[dict]:
@@ -75,6 +129,11 @@ def inspection_outputs(model: nn.Module, input_shape: tuple[int, int, int]) -> l
     described = [{"name": name, "kind": kind, "shape": list(value.shape[1:])} for name, kind, value in stages]
     described.append({"name": "probabilities", "kind": "softmax", "shape": [stages[-1][2].shape[1]]})
     return described
+
+
+def inspect_output_names(model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
+    stage_names = [stage["name"] for stage in inspection_outputs(model, input_shape)[:-1]]
+    return stage_names + ["probabilities", "domain_score", "in_domain"] + (["class_maps"] if model.cam_stage else [])
 
 
 def export_graph(module: nn.Module, path: Path, output_names: list[str], input_shape: tuple[int, int, int]) -> None:
@@ -99,9 +158,10 @@ def annotate(path: Path, properties: dict[str, str]) -> None:
 
 
 def check_parity(path: Path, reference: dict[str, np.ndarray], inputs: np.ndarray) -> dict:
-    """Run ONNX Runtime on ``inputs``; every output must match PyTorch within 1e-4 with identical argmax."""
+    """Run ONNX Runtime on ``inputs``; every float output must match PyTorch within 1e-4 with identical argmax, and
+    in_domain may differ only where the score sits within the tolerance of the threshold."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = list(reference)
+    names = [name for name in reference if name != "in_domain"]
     results = dict(zip(names, session.run(names, {"input": inputs})))
     worst = 0.0
     for name in names:
@@ -110,34 +170,37 @@ def check_parity(path: Path, reference: dict[str, np.ndarray], inputs: np.ndarra
         if difference > PARITY_TOLERANCE:
             raise ParityError(f"{path.name}: output {name!r} differs from PyTorch by {difference:.2e} "
                               f"(tolerance {PARITY_TOLERANCE:.0e}); the model was not written.")
-    for name in ("probabilities",):
-        if name in results and not np.array_equal(results[name].argmax(1), reference[name].argmax(1)):
-            raise ParityError(f"{path.name}: ONNX Runtime and PyTorch predict different classes; not written.")
+    if not np.array_equal(results["probabilities"].argmax(1), reference["probabilities"].argmax(1)):
+        raise ParityError(f"{path.name}: ONNX Runtime and PyTorch predict different classes; not written.")
     return {"max_abs_diff": worst, "images": int(len(inputs)), "tolerance": PARITY_TOLERANCE}
 
 
-def write_graphs(model: nn.Module, folder: Path, tta_flip: bool, parity_inputs: np.ndarray,
-                 properties: dict[str, str]) -> dict:
+def write_graphs(classifier: Classifier, folder: Path, parity_inputs: np.ndarray, properties: dict[str, str]) -> dict:
     """Export both graphs into ``folder`` and check each against PyTorch on ``parity_inputs``."""
-    model = model.float().cpu().eval()
+    classifier = classifier.float().cpu().eval()
+    model = classifier.model
     input_shape = tuple(parity_inputs.shape[1:])
-    classifier = Classifier(model, tta_flip).eval()
-    inspector = Inspector(model, tta_flip).eval()
-    stage_names = [stage["name"] for stage in inspection_outputs(model, input_shape)[:-1]]
-    inspect_names = stage_names + ["probabilities"] + (["class_maps"] if model.cam_stage else [])
-    export_graph(classifier, folder / "model.onnx", ["probabilities", "logits"], input_shape)
+    inspector = Inspector(model, classifier.tta_flip, classifier.temperature, classifier.other_head,
+                          classifier.rule).eval()
+    inspect_names = inspect_output_names(model, input_shape)
+    export_graph(classifier, folder / "model.onnx", CLASSIFY_OUTPUTS, input_shape)
     export_graph(inspector, folder / "inspect.onnx", inspect_names, input_shape)
     for name in ("model.onnx", "inspect.onnx"):
         annotate(folder / name, properties)
     with torch.no_grad():
         tensor = torch.from_numpy(parity_inputs)
-        probabilities, logits = (t.numpy() for t in classifier(tensor))
+        classified = [t.numpy() for t in classifier(tensor)]
         inspected = [t.numpy() for t in inspector(tensor)]
     return {
-        "model.onnx": check_parity(folder / "model.onnx", {"probabilities": probabilities, "logits": logits},
-                                   parity_inputs),
+        "model.onnx": check_parity(folder / "model.onnx", dict(zip(CLASSIFY_OUTPUTS, classified)), parity_inputs),
         "inspect.onnx": check_parity(folder / "inspect.onnx", dict(zip(inspect_names, inspected)), parity_inputs),
     }
+
+
+def save_filters(model: nn.Module, path: Path) -> None:
+    """The first convolution's weights (out, in, kh, kw) as .npy: the service shows them without an ONNX parser."""
+    with torch.no_grad():
+        np.save(path, first_conv_weight(model).float().cpu().numpy(), allow_pickle=False)
 
 
 def sha256_of(path: Path) -> str:

@@ -66,6 +66,11 @@ class ConvBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x))
 
+    def fused_weight(self) -> torch.Tensor:
+        """The convolution's weights with the batch norm's scale folded in, as the exported graph has them."""
+        scale = self.norm.weight / torch.sqrt(self.norm.running_var + self.norm.eps)
+        return self.conv.weight * scale[:, None, None, None]
+
 
 class ConvNet(nn.Module):
     """The accurate default: a stem and three blocks of (conv → pool → ReLU → conv → ReLU), global average pooling
@@ -129,6 +134,12 @@ def build(arch: str, num_classes: int, width: int = 64, residual: tuple[int, ...
     if arch == "convnet":
         return ConvNet(num_classes, width, residual)
     raise ValueError(f"Unknown architecture {arch!r}; choose 'convnet' or 'lenet'.")
+
+
+def first_conv_weight(model: nn.Module) -> torch.Tensor:
+    """The first convolution's weights (out, in, kh, kw) as the exported graph computes with them."""
+    first = next(m for m in model.modules() if isinstance(m, (ConvBN, nn.Conv2d)))
+    return first.fused_weight() if isinstance(first, ConvBN) else first.weight
 
 
 def keep_first_classes(model: nn.Module, count: int) -> nn.Module:

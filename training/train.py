@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,6 +325,7 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
         trainer.epochs_done = epoch
         bar.write(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
                   f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  ({row['seconds']:.0f} s)")
+        sys.stdout.flush()  # a log file sees each epoch as it ends
         if checkpoint is not None:
             trainer.save(checkpoint, row["seconds"])
     bar.close()

@@ -1,0 +1,188 @@
+"""From a trained network to a published version: calibrate, set the "none of these" rule, export both graphs,
+quantize, measure what ships, plot, write the typed metadata, and publish atomically. Each step is a function below;
+``publish_model`` runs them in order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from service.metadata import Files, ModelMetadata, Preprocessing, StoredFile
+from service.preprocessing import InputSpec
+from training import calibration, quantize
+from training.evaluate import classification_metrics, plot_confusion, plot_curves
+from training.export import (
+    CLASSIFY_OUTPUTS,
+    Classifier,
+    discard,
+    environment,
+    inspection_outputs,
+    next_version,
+    publish,
+    save_filters,
+    sha256_of,
+    split_heads,
+    staging_folder,
+    utc_now,
+    write_graphs,
+)
+from training.models import parameter_count
+
+PARITY_IMAGES = 256
+
+
+@dataclass
+class Release:
+    """Everything a published version is made from."""
+
+    name: str
+    labels: list[str]
+    spec: InputSpec
+    val_inputs: np.ndarray
+    val_labels: np.ndarray
+    other_inputs: np.ndarray | None  # held-out images of other classes, or None without --extra-data
+    calibration_inputs: np.ndarray  # training images, for INT8 activation ranges
+    record: dict = field(default_factory=dict)  # architecture, training and data, as metadata keeps them
+
+
+@torch.no_grad()
+def network_outputs(classifier: Classifier, inputs: np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
+    """Label logits and every candidate raw domain score, from PyTorch (before export)."""
+    logits, raw = [], {}
+    for start in range(0, len(inputs), batch_size):
+        batch_logits, features = classifier.logits_and_features(torch.from_numpy(inputs[start:start + batch_size]))
+        logits.append(batch_logits.numpy())
+        for name, value in classifier.raw_scores(batch_logits, features).items():
+            raw.setdefault(name, []).append(value.numpy())
+    return {"logits": np.concatenate(logits), **{name: np.concatenate(parts) for name, parts in raw.items()}}
+
+
+def fit_answers(model: nn.Module, tta_flip: bool, release: Release) -> tuple[Classifier, dict]:
+    """The temperature and the domain rule, both fitted on validation; returns the classifier to export."""
+    other_head = split_heads(model, len(release.labels))
+    classifier = Classifier(model.float().cpu().eval(), tta_flip, 1.0, other_head).eval()
+    own = network_outputs(classifier, release.val_inputs)
+    other = network_outputs(classifier, release.other_inputs) if release.other_inputs is not None else None
+    temperature = calibration.fit_temperature(own["logits"], release.val_labels)
+    candidates = [name for name in own if name != "logits"]
+    rule, aucs = calibration.choose_domain_rule({n: own[n] for n in candidates},
+                                                {n: other[n] for n in candidates} if other else None)
+    return Classifier(classifier.model, tta_flip, temperature, other_head, rule).eval(), aucs
+
+
+def run_graph(path: Path, inputs: np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    parts = [session.run(CLASSIFY_OUTPUTS, {"input": inputs[start:start + batch_size]})
+             for start in range(0, len(inputs), batch_size)]
+    return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(CLASSIFY_OUTPUTS)}
+
+
+def measure(staging: Path, classifier: Classifier, aucs: dict, release: Release) -> dict:
+    """What ships is what is measured: the exported graph's answers on validation images."""
+    own = run_graph(staging / "model.onnx", release.val_inputs)
+    other = run_graph(staging / "model.onnx", release.other_inputs) if release.other_inputs is not None else None
+    before = calibration.softmax(own["logits"])
+    metrics = classification_metrics(own["probabilities"], release.val_labels, release.labels)
+    domain = calibration.domain_figures(classifier.rule, own["domain_score"],
+                                        None if other is None else other["domain_score"], aucs)
+    return {
+        "metrics": metrics,
+        "before": before,
+        "after": own["probabilities"],
+        "calibration": {"method": "temperature", "temperature": classifier.temperature,
+                        "bins": calibration.ECE_BINS,
+                        "before": calibration.figures(before, release.val_labels),
+                        "after": calibration.figures(own["probabilities"], release.val_labels)},
+        "domain": domain,
+        "baselines": {"mean_confidence": float(own["probabilities"].max(1).mean()),
+                      "out_of_domain_share": float((~own["in_domain"]).mean()),
+                      "mean_domain_score": float(own["domain_score"].mean())},
+    }
+
+
+def plot_all(staging: Path, measured: dict, history: list[dict], release: Release, title: str) -> None:
+    plot_confusion(measured["metrics"], staging / "confusion_matrix.png", f"{title} validation")
+    plot_curves(history, staging / "training_curves.png", title)
+    calibration.plot_reliability(measured["before"], measured["after"], release.val_labels,
+                                 staging / "reliability.png", f"{title}: reliability on validation",
+                                 measured["calibration"]["temperature"])
+
+
+def stored(staging: Path, filename: str) -> StoredFile:
+    return StoredFile(path=filename, sha256=sha256_of(staging / filename))
+
+
+def build_metadata(staging: Path, version: int, classifier: Classifier, measured: dict, quantization: dict,
+                   parity: dict, release: Release) -> ModelMetadata:
+    spec, labels = release.spec, release.labels
+    input_shape = (3, spec.height, spec.width)
+    stages = inspection_outputs(classifier.model, input_shape)
+    metrics = measured["metrics"]
+    return ModelMetadata(
+        name=release.name, version=str(version), created_at=utc_now(), labels=labels,
+        input={"name": "input", "dtype": "float32", "shape": [-1, *input_shape],
+               "preprocessing": Preprocessing.of(spec)},
+        outputs=[{"name": "probabilities", "dtype": "float32", "shape": [-1, len(labels)]},
+                 {"name": "domain_score", "dtype": "float32", "shape": [-1]},
+                 {"name": "in_domain", "dtype": "bool", "shape": [-1]},
+                 {"name": "logits", "dtype": "float32", "shape": [-1, len(labels)]}],
+        files=Files(model=stored(staging, "model.onnx"), inspect=stored(staging, "inspect.onnx"),
+                    filters=stored(staging, "filters.npy"),
+                    model_int8=stored(staging, "model.int8.onnx") if quantization["accepted"] else None),
+        inspection={"stages": stages, "class_maps": "class_maps" if classifier.model.cam_stage else None,
+                    "cam_stage": classifier.model.cam_stage,
+                    "first_conv": next(s["name"] for s in stages if s["kind"] == "conv")},
+        architecture={**release.record["architecture"], "parameters": parameter_count(classifier.model)},
+        training=release.record["training"],
+        data=release.record["data"],
+        metrics={"validation": {k: metrics[k] for k in ("accuracy", "loss", "count", "per_class")},
+                 "confusion_matrix": metrics["confusion_matrix"], "calibration": measured["calibration"],
+                 "domain": measured["domain"], "baselines": measured["baselines"], "quantization": quantization},
+        parity=parity,
+    )
+
+
+def publish_model(model: nn.Module, tta_flip: bool, history: list[dict], release: Release, store: Path,
+                  progress=print) -> tuple[Path, ModelMetadata]:
+    """Calibrate, export, quantize, measure and publish ``model`` as the next version of ``release.name``."""
+    version = next_version(store, release.name)
+    title = f"{release.name} v{version}"
+    staging = staging_folder(store, release.name)
+    try:
+        progress("fitting the temperature and the domain rule on validation")
+        classifier, aucs = fit_answers(model, tta_flip, release)
+        progress("exporting to ONNX and checking parity with PyTorch")
+        properties = {"labels": json.dumps(release.labels), "name": release.name, "version": str(version)}
+        parity = write_graphs(classifier, staging, release.val_inputs[:PARITY_IMAGES], properties)
+        save_filters(classifier.model, staging / "filters.npy")
+        measured = measure(staging, classifier, aucs, release)
+        progress("quantizing to INT8 and comparing with FP32")
+        quantization = quantize.quantize_and_check(staging / "model.onnx", staging / "model.int8.onnx",
+                                                   release.calibration_inputs, release.val_inputs,
+                                                   release.val_labels, release.labels)
+        plot_all(staging, measured, history, release, title)
+        (staging / "metrics.json").write_text(json.dumps({"validation": measured["metrics"], "history": history},
+                                                         indent=2) + "\n")
+        metadata = build_metadata(staging, version, classifier, measured, quantization, parity, release)
+        metadata.write(staging / "metadata.json")
+        return publish(staging, store, release.name, version), metadata
+    except BaseException:
+        discard(staging)
+        raise
+
+
+def release_record(config, preset: str, run_info: dict, started_wall: float, summary: dict, description: str) -> dict:
+    """Architecture, training and data, as the metadata keeps them (the whole hyperparameter block included)."""
+    return {
+        "architecture": {"name": config.arch, "tta_flip": config.tta_flip, "description": description},
+        "training": {"config": config.to_dict(), "preset": preset, **run_info,
+                     "total_wall_time_s": started_wall, **environment()},
+        "data": summary,
+    }

@@ -1,0 +1,104 @@
+"""Static INT8 quantization of the classify graph with ONNX Runtime, and the checks that decide if it ships.
+
+QDQ format, per-channel weights, activations calibrated on training images (never validation ones). The INT8 graph
+is refused unless top-1 agrees with FP32 on nearly every validation image and accuracy, overall and per label,
+stays within the tolerances below; either way both graphs' figures go into the metadata.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+CALIBRATION_IMAGES = 512
+MIN_TOP1_AGREEMENT = 0.99  # share of validation images on which INT8 and FP32 pick the same label
+MAX_ACCURACY_DROP = 0.003  # 0.3 points
+MAX_LABEL_ACCURACY_DROP = 0.01  # 1 point on any one label
+# The compute: convolutions and the linear head. Softmax, the flip average and the domain score stay FP32 (cheap,
+# and where rounding would move probabilities most).
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, inputs: np.ndarray, batch_size: int = 64):
+        self.batches = iter([{"input": inputs[i:i + batch_size]} for i in range(0, len(inputs), batch_size)])
+
+    def get_next(self) -> dict | None:
+        return next(self.batches, None)
+
+
+def quantize(fp32_path: Path, int8_path: Path, calibration_inputs: np.ndarray) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8_path), _Batches(calibration_inputs), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=QUANTIZED_OPS)
+
+
+def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def probabilities(path: Path, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    run = session(path, threads=0)
+    return np.concatenate([run.run(["probabilities"], {"input": inputs[i:i + batch_size]})[0]
+                           for i in range(0, len(inputs), batch_size)])
+
+
+def latency_ms(path: Path, image: np.ndarray, repeats: int = 200) -> float:
+    """Median time of one image on one thread, after warm-up."""
+    run = session(path, threads=1)
+    feed = {"input": image[None]}
+    for _ in range(20):
+        run.run(["probabilities"], feed)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run.run(["probabilities"], feed)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000)
+
+
+def precision_figures(path: Path, inputs: np.ndarray, labels: np.ndarray, label_names: list[str]) -> tuple[dict,
+                                                                                                          np.ndarray]:
+    predicted = probabilities(path, inputs).argmax(1)
+    per_class = {name: float((predicted[labels == i] == i).mean()) for i, name in enumerate(label_names)}
+    return {"accuracy": float((predicted == labels).mean()), "per_class_accuracy": per_class,
+            "latency_ms": round(latency_ms(path, inputs[0]), 4), "size_bytes": path.stat().st_size}, predicted
+
+
+def quantize_and_check(fp32_path: Path, int8_path: Path, calibration_inputs: np.ndarray, val_inputs: np.ndarray,
+                       val_labels: np.ndarray, label_names: list[str]) -> dict:
+    """Write ``int8_path`` and compare it with FP32 on validation; the file is removed when a check fails."""
+    quantize(fp32_path, int8_path, calibration_inputs)
+    fp32, fp32_predicted = precision_figures(fp32_path, val_inputs, val_labels, label_names)
+    int8, int8_predicted = precision_figures(int8_path, val_inputs, val_labels, label_names)
+    agreement = float((fp32_predicted == int8_predicted).mean())
+    problems = []
+    if agreement < MIN_TOP1_AGREEMENT:
+        problems.append(f"top-1 agrees with FP32 on {agreement:.2%} of validation images (needs "
+                        f"{MIN_TOP1_AGREEMENT:.0%})")
+    if round(fp32["accuracy"] - int8["accuracy"], 9) > MAX_ACCURACY_DROP:
+        problems.append(f"accuracy {int8['accuracy']:.2%} vs FP32 {fp32['accuracy']:.2%} (at most "
+                        f"{MAX_ACCURACY_DROP:.1%} lower)")
+    for name in label_names:
+        drop = fp32["per_class_accuracy"][name] - int8["per_class_accuracy"][name]
+        if round(drop, 9) > MAX_LABEL_ACCURACY_DROP:
+            problems.append(f"{name} accuracy {drop:.2%} below FP32 (at most {MAX_LABEL_ACCURACY_DROP:.0%})")
+    if problems:
+        int8_path.unlink()
+    return {"accepted": not problems,
+            "method": "ONNX Runtime static quantization: QDQ, per-channel INT8 weights, INT8 activations "
+                      f"(min-max on training images), ops {', '.join(QUANTIZED_OPS)}",
+            "calibration_images": int(len(calibration_inputs)), "top1_agreement": agreement,
+            "fp32": fp32, "int8": int8, "problems": problems}
