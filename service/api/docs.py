@@ -6,6 +6,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, send_from_directory
 
 from service.api.openapi import Reply, documented, openapi_document
+from service.metadata import json_schema
 
 blueprint = Blueprint("docs", __name__)
 # Swagger UI's files that /docs loads, and nothing else from that folder.
@@ -43,3 +44,12 @@ def docs_asset(asset: str):
     from swagger_ui_bundle import swagger_ui_path
 
     return send_from_directory(swagger_ui_path, asset, mimetype=SWAGGER_UI_FILES[asset], max_age=3600)
+
+
+@blueprint.get("/schemas/metadata.json")
+@documented("The metadata schema", "JSON Schema of a model version's metadata.json (service/metadata.py): what "
+            "export writes and what the server validates at load. Also in the repository: "
+            "model_store/metadata.schema.json.", tags=["docs"],
+            responses={200: Reply("The schema.", {"application/json": {"type": "object"}})})
+def metadata_schema():
+    return jsonify(json_schema())
