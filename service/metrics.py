@@ -36,8 +36,8 @@ BATCH_SIZE = Histogram(f"{PREFIX}_batch_size", "Images per inference call.", ["m
                        buckets=BATCH_BUCKETS)
 PREDICTIONS = Counter(f"{PREFIX}_predictions_total", "Images classified, by model and predicted label.",
                       ["model", "version", "label"])
-MODEL_INFO = Gauge(f"{PREFIX}_model_info", "1 for each model version loaded, with its sha256.",
-                   ["model", "version", "sha256"], multiprocess_mode="livemax")
+MODEL_INFO = Gauge(f"{PREFIX}_model_info", "1 for each model version loaded, with the sha256 and precision of the "
+                   "graph that serves.", ["model", "version", "sha256", "precision"], multiprocess_mode="livemax")
 MODEL_LOAD_FAILURES = Counter(f"{PREFIX}_model_load_failures_total", "Failed model loads (per worker).",
                               ["model", "version"])
 MODEL_LOADED = Gauge(f"{PREFIX}_model_loaded", "1 if the model version loaded in every live worker, else 0.",
@@ -63,9 +63,39 @@ AUTH_FAILURES = Counter(f"{PREFIX}_auth_failures_total", "Requests refused for a
 for _reason in ("missing", "invalid"):
     AUTH_FAILURES.labels(_reason)
 
+# Drift: what the served answers look like, against what validation measured (the model's baselines).
+CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+CONFIDENCE = Histogram(f"{PREFIX}_confidence", "Calibrated top-1 probability of each image served.",
+                       ["model", "version"], buckets=CONFIDENCE_BUCKETS)
+DOMAIN_SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+DOMAIN_SCORE = Histogram(f"{PREFIX}_domain_score", "domain_score of each image served (higher = more like the "
+                         "training images).", ["model", "version"], buckets=DOMAIN_SCORE_BUCKETS)
+OUT_OF_DOMAIN = Counter(f"{PREFIX}_out_of_domain_total", "Images answered in_domain=false (none of the labels).",
+                        ["model", "version"])
+BASELINE = Gauge(f"{PREFIX}_model_baseline", "What validation measured for a model version on in-domain images: "
+                 "mean_confidence, out_of_domain_share, mean_domain_score.", ["model", "version", "quantity"],
+                 multiprocess_mode="livemax")
+
+
+def record_baselines(model: str, version: str, baselines) -> None:
+    for quantity, value in baselines.model_dump().items():
+        BASELINE.labels(model, version, quantity).set(value)
+
+
+def record_answers(model: str, version: str, confidence, domain_score, in_domain) -> None:
+    """Per image: its confidence and domain score, and whether it was out of domain."""
+    for value in confidence:
+        CONFIDENCE.labels(model, version).observe(float(value))
+    for value in domain_score:
+        DOMAIN_SCORE.labels(model, version).observe(float(value))
+    outside = int(len(in_domain) - in_domain.sum())
+    if outside:
+        OUT_OF_DOMAIN.labels(model, version).inc(outside)
+
+
 EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, INFERENCE_LATENCY, BATCH_SIZE,
                     PREDICTIONS, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_LOADED, READY, QUEUE_DEPTH, INFERENCE_THREADS,
-                    QUEUE_WAIT, SHED, MODEL_SERVED, AUTH_FAILURES]
+                    QUEUE_WAIT, SHED, MODEL_SERVED, AUTH_FAILURES, CONFIDENCE, DOMAIN_SCORE, OUT_OF_DOMAIN, BASELINE]
 
 
 def exposition() -> tuple[bytes, str]:

@@ -1,15 +1,16 @@
-"""One model version: its metadata and ONNX Runtime sessions. ``load()``, ``predict(batch)``, ``ready``.
+"""One model version: its typed metadata and ONNX Runtime sessions. ``load()``, ``predict(batch)``, ``ready``.
 
-``model.onnx`` serves classify; ``inspect.onnx`` (every stage by name) is opened only on the first inspect request,
-so classify never pays for it.
+Classify runs the INT8 graph when the version has one (unless PRECISION=fp32), else ``model.onnx``; ``inspect.onnx``
+(every stage by name, FP32) is opened only on the first inspect request, so classify never pays for it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
 import threading
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
 from service.errors import InvalidTensor
+from service.metadata import MetadataError, ModelMetadata, StoredFile
 from service.preprocessing import InputSpec
 
 
@@ -26,11 +28,31 @@ class ModelLoadError(Exception):
     """The version folder cannot be served; the message says why."""
 
 
+# The classify graph's outputs, in this order: calibrated probabilities, and the "none of these" answer.
+CLASSIFY_OUTPUTS = ("probabilities", "domain_score", "in_domain")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One ONNX Runtime call's answers, a row per image."""
+
+    probabilities: np.ndarray  # float32 (N, labels), calibrated
+    domain_score: np.ndarray  # float32 (N,): higher = more like the training images
+    in_domain: np.ndarray  # bool (N,): domain_score >= the threshold chosen at export
+
+    def split(self, sizes: list[int]) -> list[Outputs]:
+        cuts = np.cumsum(sizes)[:-1]
+        return [Outputs(*parts) for parts in zip(*(np.split(getattr(self, f.name), cuts) for f in fields(self)))]
+
+
 class OnnxModel:
-    def __init__(self, folder: Path, intra_op_threads: int = 1):
+    def __init__(self, folder: Path, intra_op_threads: int = 1, precision: str = "int8"):
         self.folder = folder
         self.intra_op_threads = intra_op_threads
-        self.metadata: dict = {}
+        self.wanted_precision = precision
+        self.metadata: ModelMetadata | None = None
+        self.precision: str | None = None  # what serves: "int8" when wanted and the version has it, else "fp32"
+        self.served_file: StoredFile | None = None
         self.spec: InputSpec | None = None
         self.session: ort.InferenceSession | None = None
         self._inspect_session: ort.InferenceSession | None = None
@@ -47,38 +69,38 @@ class OnnxModel:
 
     @property
     def labels(self) -> list[str]:
-        return self.metadata["labels"]
+        return self.metadata.labels
 
     @property
     def input_name(self) -> str:
-        return self.metadata["input"]["name"]
+        return self.metadata.input.name
 
     @property
     def input_shape(self) -> list[int]:
-        return self.metadata["input"]["shape"]
+        return self.metadata.input.shape
 
     def load(self) -> None:
-        """Read metadata, verify the checksum, open the session and warm it up."""
+        """Read and validate metadata, verify the checksum, open the session and warm it up."""
         try:
-            self.metadata = json.loads((self.folder / "metadata.json").read_text())
-            self.spec = InputSpec.from_metadata(self.metadata["input"]["preprocessing"])
-            model_file = self.folder / self.metadata["files"]["model"]
-            _verify(model_file, self.metadata["sha256"])
-            self.session = self._open(model_file)
-        except ModelLoadError:
-            raise
+            self.metadata = ModelMetadata.read(self.folder / "metadata.json")
+            self.spec = self.metadata.input.preprocessing.spec()
+            int8 = self.metadata.files.model_int8
+            served = int8 if self.wanted_precision == "int8" and int8 is not None else self.metadata.files.model
+            self.precision = "int8" if served is int8 else "fp32"
+            self.served_file = served
+            self.session = self._open(self._verified(served))
+        except (ModelLoadError, MetadataError) as exc:
+            raise ModelLoadError(str(exc)) from exc
         except FileNotFoundError as exc:
             raise ModelLoadError(f"missing file {exc.filename}") from exc
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"metadata.json is incomplete or invalid: {exc!r}") from exc
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"ONNX Runtime could not load the model: {exc}") from exc
         self.predict(np.zeros((1, *self.input_shape[1:]), dtype=np.float32))  # warm-up: first run allocates
         self.ready = True
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W) → probabilities (N, labels)."""
-        return self.session.run(["probabilities"], {self.input_name: batch})[0]
+    def predict(self, batch: np.ndarray) -> Outputs:
+        """float32 (N, 3, H, W) → calibrated probabilities, domain scores and in-domain flags."""
+        return Outputs(*self.session.run(list(CLASSIFY_OUTPUTS), {self.input_name: batch}))
 
     def check_tensor(self, batch: np.ndarray) -> None:
         expected = self.input_shape[1:]
@@ -87,26 +109,24 @@ class OnnxModel:
                                 f"got {list(batch.shape)}.")
 
     def inspect(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Every stage's output by name (plus probabilities and class_maps when the model has them)."""
+        """Every stage's output by name (plus probabilities and class_maps when the model has them); FP32."""
         with self._inspect_lock:
             if self._inspect_session is None:
-                inspect_file = self.folder / self.metadata["files"]["inspect"]
-                _verify(inspect_file, self.metadata["inspect_sha256"])
-                self._inspect_session = self._open(inspect_file)
+                self._inspect_session = self._open(self._verified(self.metadata.files.inspect))
         names = [output.name for output in self._inspect_session.get_outputs()]
         return dict(zip(names, self._inspect_session.run(names, {self.input_name: batch})))
 
     def first_conv_filters(self) -> np.ndarray:
-        """The first convolution's weights (out, in, kh, kw), read from the exported graph."""
-        import onnx
-        from onnx import numpy_helper
+        """The first convolution's weights (out, in, kh, kw), saved at export."""
+        return np.load(io.BytesIO(self._verified(self.metadata.files.filters).read_bytes()), allow_pickle=False)
 
-        graph = onnx.load(str(self.folder / self.metadata["files"]["model"])).graph
-        weights = {tensor.name: tensor for tensor in graph.initializer}
-        for node in graph.node:
-            if node.op_type == "Conv" and node.input[1] in weights:
-                return numpy_helper.to_array(weights[node.input[1]])
-        raise ModelLoadError("the graph has no convolution with constant weights")
+    def _verified(self, stored: StoredFile) -> Path:
+        path = self.folder / stored.path
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != stored.sha256:
+            raise ModelLoadError(f"sha256 of {path.name} is {digest[:12]}…, metadata.json says "
+                                 f"{stored.sha256[:12]}…: the file was changed or corrupted; re-export it")
+        return path
 
     def _open(self, path: Path) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -116,10 +136,3 @@ class OnnxModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _verify(path: Path, expected: str) -> None:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != expected:
-        raise ModelLoadError(f"sha256 of {path.name} is {digest[:12]}…, metadata.json says {expected[:12]}…: "
-                             "the file was changed or corrupted; re-export it")

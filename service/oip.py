@@ -1,5 +1,5 @@
 """Open Inference Protocol tensors: an inference request's input → a numpy batch or encoded images, and
-probabilities → the response's outputs (JSON numbers or the binary tensor extension).
+a model's answers → the response's outputs (JSON values or the binary tensor extension).
 
 Called by the inference pipeline on an inference thread; the /v2 views only split the HTTP body into its JSON and
 binary parts.
@@ -13,13 +13,19 @@ import numpy as np
 
 from service.errors import InvalidTensor, TooManyImages
 from service.inputs import decode_base64
+from service.model import Outputs
 
 DATATYPES = {"FP32": np.float32, "BYTES": object}
 ENCODED_INPUT = "image"  # the BYTES input: not in the ONNX graph, so its name is the service's own
-OUTPUT = "probabilities"
 # The largest |value| an FP32 input may hold: preprocessed images lie within a few units of 0, and inputs around 1e16
 # overflowed the shipped networks to NaN.
 FP32_LIMIT = 1e6
+# name → (OIP datatype, wire dtype, per-image shape): calibrated probabilities and the "none of these" answer.
+OUTPUTS = {
+    "probabilities": ("FP32", "<f4", lambda model: [len(model.labels)]),
+    "domain_score": ("FP32", "<f4", lambda model: []),
+    "in_domain": ("BOOL", "?", lambda model: []),
+}
 
 
 def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.ndarray | list[bytes]:
@@ -52,24 +58,34 @@ def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.nda
     return _bytes_elements(tensor, shape, binary, binary_size)
 
 
-def response(request: dict, model, probabilities: np.ndarray) -> tuple[dict, list[bytes]]:
-    """The response JSON and the binary blobs that follow it (empty unless binary output was asked for)."""
-    requested = request.get("outputs") or [{"name": OUTPUT}]
+def output_metadata(model) -> list[dict]:
+    """The outputs a model answers with, as /v2/models/{name} describes them."""
+    return [{"name": name, "datatype": datatype, "shape": [-1, *per_image(model)]}
+            for name, (datatype, _, per_image) in OUTPUTS.items()]
+
+
+def response(request: dict, model, answers: Outputs) -> tuple[dict, list[bytes]]:
+    """The response JSON and the binary blobs that follow it (empty unless binary output was asked for).
+    Without ``outputs`` in the request, every output is returned."""
+    requested = request.get("outputs") or [{"name": name} for name in OUTPUTS]
     if not isinstance(requested, list):
-        raise InvalidTensor(f'"outputs" must be a list of {{"name": "{OUTPUT}"}}.')
+        raise InvalidTensor(f'"outputs" must be a list of {{"name": ...}} with names from {", ".join(OUTPUTS)}.')
     request_parameters = parameters(request)
     outputs, blobs = [], []
     for output in requested:
-        if not isinstance(output, dict) or output.get("name") != OUTPUT:
-            raise InvalidTensor(f"The only output is {OUTPUT!r}.")
+        if not isinstance(output, dict) or output.get("name") not in OUTPUTS:
+            raise InvalidTensor(f"Outputs are named {', '.join(map(repr, OUTPUTS))}.")
+        name = output["name"]
+        datatype, wire_type, _ = OUTPUTS[name]
+        value = np.asarray(getattr(answers, name))
         binary = parameters(output).get("binary_data", request_parameters.get("binary_data_output", False))
-        described = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
+        described = {"name": name, "datatype": datatype, "shape": list(value.shape)}
         if binary:
-            blob = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
+            blob = np.ascontiguousarray(value, dtype=wire_type).tobytes()
             described["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            described["data"] = probabilities.astype(np.float32).ravel().tolist()
+            described["data"] = value.astype(wire_type).ravel().tolist()
         outputs.append(described)
     body = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
     if "id" in request:

@@ -13,7 +13,7 @@ import numpy as np
 
 from service import metrics, oip, visualize
 from service.errors import DecodeBudgetExceeded, InvalidImage, InvalidParameter, ServiceError, TooManyImages
-from service.model import OnnxModel
+from service.model import CLASSIFY_OUTPUTS, OnnxModel, Outputs
 from service.preprocessing import decode_opened, decoded_bytes, normalize, open_for
 from service.scheduler import InferenceQueue
 from service.settings import Settings
@@ -51,15 +51,14 @@ class InferencePipeline:
             except ServiceError as error:  # one request's bad image fails that request only
                 batches.append(error)
         good = [batch for batch in batches if isinstance(batch, np.ndarray)]
-        probabilities = iter(np.split(self.predict(model, np.concatenate(good)),
-                                      np.cumsum([len(b) for b in good])[:-1])) if good else iter(())
+        outputs = iter(self.predict(model, np.concatenate(good)).split([len(b) for b in good]) if good else ())
         answers = []
         for (_, _, top_k), batch in zip(requests, batches):
             if isinstance(batch, ServiceError):
                 answers.append(batch)
                 continue
-            answers.append({"model": model.name, "version": model.version,
-                            "predictions": [prediction(model.labels, row, top_k) for row in next(probabilities)]})
+            answers.append({"model": model.name, "version": model.version, "precision": model.precision,
+                            "predictions": predictions(model.labels, next(outputs), top_k)})
         return answers
 
     def preprocess(self, model: OnnxModel, images: list[bytes]) -> np.ndarray:
@@ -81,15 +80,20 @@ class InferencePipeline:
         metrics.PREPROCESS_LATENCY.labels(model.name, model.version).observe(time.perf_counter() - started)
         return batch
 
-    def predict(self, model: OnnxModel, batch: np.ndarray) -> np.ndarray:
-        """One ONNX Runtime call for the whole batch; counts the predicted labels."""
+    def predict(self, model: OnnxModel, batch: np.ndarray) -> Outputs:
+        """One ONNX Runtime call for the whole batch; counts the predicted labels and records drift metrics."""
         started = time.perf_counter()
-        probabilities = model.predict(batch)
+        outputs = model.predict(batch)
         metrics.INFERENCE_LATENCY.labels(model.name, model.version).observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.labels(model.name, model.version).observe(len(batch))
+        self._count(model, outputs.probabilities, outputs.domain_score, outputs.in_domain)
+        return outputs
+
+    @staticmethod
+    def _count(model: OnnxModel, probabilities: np.ndarray, domain_score: np.ndarray, in_domain: np.ndarray) -> None:
         for label_index, count in zip(*np.unique(probabilities.argmax(1), return_counts=True)):
             metrics.PREDICTIONS.labels(model.name, model.version, model.labels[label_index]).inc(int(count))
-        return probabilities
+        metrics.record_answers(model.name, model.version, probabilities.max(1), domain_score, in_domain)
 
     @staticmethod
     def _each(index: int, count: int, step, *args):
@@ -108,15 +112,16 @@ class InferencePipeline:
                                    f"use one of {', '.join(model.labels)}.")
         batch = self.preprocess(model, [image])
         outputs = model.inspect(batch)
-        probabilities = outputs["probabilities"][0]
+        answer = Outputs(*(outputs[name] for name in CLASSIFY_OUTPUTS))
+        probabilities = answer.probabilities[0]
         metrics.BATCH_SIZE.labels(model.name, model.version).observe(1)
         top = int(probabilities.argmax())
-        metrics.PREDICTIONS.labels(model.name, model.version, model.labels[top]).inc()
+        self._count(model, *(outputs[name] for name in CLASSIFY_OUTPUTS))
         picture = visualize.input_image(batch[0], model.spec)
         stages = []
-        for stage in model.metadata["inspection"]["stages"]:
-            value = outputs[stage["name"]][0]
-            described = {"name": stage["name"], "kind": stage["kind"], "shape": list(value.shape)}
+        for stage in model.metadata.inspection.stages:
+            value = outputs[stage.name][0]
+            described = {"name": stage.name, "kind": stage.kind, "shape": list(value.shape)}
             if value.ndim == 3:
                 described["maps"] = visualize.feature_grid(value)
             else:
@@ -124,7 +129,7 @@ class InferencePipeline:
             stages.append(described)
         response = {
             "model": model.name, "version": model.version,
-            "prediction": prediction(model.labels, probabilities, None),
+            "prediction": predictions(model.labels, answer, None)[0],
             "input": {"shape": list(batch.shape[1:]), "png": visualize.png_data_url(picture),
                       "range": [float(batch.min()), float(batch.max())]},
             "stages": stages,
@@ -132,14 +137,14 @@ class InferencePipeline:
         }
         if "class_maps" in outputs:
             chosen = model.labels.index(class_label) if class_label else top
-            response["cam"] = {"label": model.labels[chosen], "stage": model.metadata["inspection"]["cam_stage"],
+            response["cam"] = {"label": model.labels[chosen], "stage": model.metadata.inspection.cam_stage,
                                **visualize.cam_overlay(outputs["class_maps"][0, chosen], picture)}
         return response
 
     def _filters(self, model: OnnxModel) -> dict:
         weights = model.first_conv_filters()
         return {"model": model.name, "version": model.version,
-                "stage": model.metadata["inspection"].get("first_conv"), "shape": list(weights.shape),
+                "stage": model.metadata.inspection.first_conv, "shape": list(weights.shape),
                 "filters": visualize.filter_grid(weights)}
 
     # Open Inference Protocol -------------------------------------------------------------------------------------
@@ -147,22 +152,27 @@ class InferencePipeline:
         tensor = oip.input_tensor(request, model, binary, self.settings.MAX_BATCH_IMAGES)
         if isinstance(tensor, np.ndarray):
             model.check_tensor(tensor)
-            probabilities = self.predict(model, np.ascontiguousarray(tensor, dtype=np.float32))
+            outputs = self.predict(model, np.ascontiguousarray(tensor, dtype=np.float32))
         else:
             if not tensor:
                 raise InvalidImage("The BYTES input holds no images.")
             if len(tensor) > self.settings.MAX_BATCH_IMAGES:
                 raise TooManyImages(f"{len(tensor)} images in one request; the limit is "
                                     f"{self.settings.MAX_BATCH_IMAGES}. Split the batch.")
-            probabilities = self.predict(model, self.preprocess(model, tensor))
-        return oip.response(request, model, probabilities)
+            outputs = self.predict(model, self.preprocess(model, tensor))
+        return oip.response(request, model, outputs)
 
 
-def prediction(labels: list[str], probabilities: np.ndarray, top_k: int | None) -> dict:
-    best = int(probabilities.argmax())
-    result = {"label": labels[best], "confidence": float(probabilities[best]),
-              "probabilities": {label: float(p) for label, p in zip(labels, probabilities)}}
-    if top_k is not None:
-        order = np.argsort(-probabilities, kind="stable")[:top_k]
-        result["top_k"] = [{"label": labels[i], "confidence": float(probabilities[i])} for i in order]
-    return result
+def predictions(labels: list[str], outputs: Outputs, top_k: int | None) -> list[dict]:
+    """One answer per image: the top label, calibrated probabilities, and whether it looks like any label at all."""
+    answers = []
+    for probabilities, score, in_domain in zip(outputs.probabilities, outputs.domain_score, outputs.in_domain):
+        best = int(probabilities.argmax())
+        result = {"label": labels[best], "confidence": float(probabilities[best]),
+                  "probabilities": {label: float(p) for label, p in zip(labels, probabilities)},
+                  "in_domain": bool(in_domain), "domain_score": float(score)}
+        if top_k is not None:
+            order = np.argsort(-probabilities, kind="stable")[:top_k]
+            result["top_k"] = [{"label": labels[i], "confidence": float(probabilities[i])} for i in order]
+        answers.append(result)
+    return answers

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from service import metrics
 from service.errors import ModelNotFound, ModelUnavailable, NotReady, VersionNotFound
+from service.metadata import ModelMetadata
 from service.model import ModelLoadError, OnnxModel
 from service.settings import Settings
 
@@ -40,11 +41,12 @@ def version_key(version: str) -> tuple:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, model_factory: Callable[[Path, int], OnnxModel] = OnnxModel):
+    def __init__(self, settings: Settings, model_factory: Callable[[Path, int, str], OnnxModel] = OnnxModel):
         self.store = Path(settings.MODEL_STORE)
         self.default_name = settings.DEFAULT_MODEL
         self.intra_op_threads = settings.ORT_INTRA_OP_THREADS
         self.model_factory = model_factory
+        self.precision = settings.PRECISION
         self.pins = settings.version_pins
         self.poll_seconds = settings.MODEL_POLL_SECONDS
         self.models: dict[str, dict[str, OnnxModel]] = {}
@@ -183,8 +185,9 @@ class ModelRegistry:
         served = self.served(name)
         if served is not None:
             metadata = served.metadata
-            description.update(default_version=served.version, labels=metadata["labels"], input=metadata["input"],
-                               outputs=metadata["outputs"], architecture=metadata.get("architecture"),
+            description.update(default_version=served.version, precision=served.precision, labels=metadata.labels,
+                               input=metadata.input.model_dump(), outputs=[o.model_dump() for o in metadata.outputs],
+                               architecture=metadata.architecture.model_dump(),
                                inspection=_describe_inspection(metadata))
         return description
 
@@ -194,17 +197,23 @@ class ModelRegistry:
             return {"version": version, "state": "failed", "error": failure.reason}
         model = self.models[name][version]
         metadata = model.metadata
-        validation = metadata.get("metrics", {}).get("validation", {})
+        figures = metadata.metrics
+        validation = figures.validation
         return {
             "version": version,
             "state": "ready" if model.ready else "loading",
-            "sha256": metadata.get("sha256"),
-            "created_at": metadata.get("created_at"),
-            "labels": metadata["labels"],
-            "parameters": metadata.get("architecture", {}).get("parameters"),
-            "metrics": {"validation_accuracy": validation.get("accuracy"), "validation_count": validation.get("count"),
-                        "per_class": validation.get("per_class")},
-            "training": {key: metadata.get("training", {}).get(key) for key in ("preset", "wall_time_s", "device")},
+            "precision": model.precision,
+            "sha256": model.served_file.sha256,
+            "created_at": metadata.created_at,
+            "labels": metadata.labels,
+            "parameters": metadata.architecture.parameters,
+            "metrics": {"validation_accuracy": validation.accuracy, "validation_count": validation.count,
+                        "per_class": {label: c.model_dump() for label, c in validation.per_class.items()},
+                        "calibration": figures.calibration.model_dump(),
+                        "domain": figures.domain.model_dump(exclude={"candidates"}),
+                        "baselines": figures.baselines.model_dump(),
+                        "quantization": figures.quantization.model_dump() if figures.quantization else None},
+            "training": {key: metadata.training.get(key) for key in ("preset", "wall_time_s", "device")},
         }
 
     # internals -------------------------------------------------------------------------------------------------
@@ -223,7 +232,7 @@ class ModelRegistry:
         version failed with its reason; the loop goes on to the others."""
         name, version = folder.parent.name, folder.name
         try:
-            model = self.model_factory(folder, self.intra_op_threads)
+            model = self.model_factory(folder, self.intra_op_threads, self.precision)
             model.load()
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
@@ -238,7 +247,8 @@ class ModelRegistry:
             return
         self.models = {**self.models, name: {**self.models.get(name, {}), version: model}}
         self.failures = {key: failure for key, failure in self.failures.items() if key != (name, version)}
-        metrics.MODEL_INFO.labels(name, version, model.metadata.get("sha256", "")).set(1)
+        metrics.MODEL_INFO.labels(name, version, model.served_file.sha256, model.precision).set(1)
+        metrics.record_baselines(name, version, model.metadata.metrics.baselines)
         metrics.MODEL_LOADED.labels(name, version).set(1)
         log.info("loaded model %s version %s from %s", name, version, folder)
 
@@ -251,7 +261,7 @@ class ModelRegistry:
             if remaining:
                 models[name] = remaining
             self.models = models
-            metrics.MODEL_INFO.labels(name, version, model.metadata.get("sha256", "")).set(0)
+            metrics.MODEL_INFO.labels(name, version, model.served_file.sha256, model.precision).set(0)
             log.info("unloaded model %s version %s: its folder is gone", name, version)
         self.failures = {key: failure for key, failure in self.failures.items() if key != (name, version)}
         metrics.MODEL_LOADED.labels(name, version).set(0)
@@ -293,11 +303,10 @@ class ModelRegistry:
         return None
 
 
-def _describe_inspection(metadata: dict) -> dict:
+def _describe_inspection(metadata: ModelMetadata) -> dict:
     """What /inspect will show for this model: its stages in order, and whether it has class activation maps."""
-    inspection = metadata.get("inspection") or {}
-    stages = [{key: stage[key] for key in ("name", "kind", "shape")} for stage in inspection.get("stages", [])]
-    return {"stages": stages, "class_activation_maps": inspection.get("class_maps") is not None}
+    stages = [{"name": stage.name, "kind": stage.kind, "shape": stage.shape} for stage in metadata.inspection.stages]
+    return {"stages": stages, "class_activation_maps": metadata.inspection.class_maps is not None}
 
 
 def _signature(folder: Path) -> tuple:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from service import metadata as stored
 from service.oip import FP32_LIMIT
 
 
@@ -26,6 +27,8 @@ class RequestBody(BaseModel):
 
 
 Probability = Annotated[float, Field(ge=0, le=1)]
+Precision = Annotated[Literal["int8", "fp32"], Field(
+    description="The graph that classifies: the INT8 quantized one, or FP32 (PRECISION, and what the version has).")]
 PngDataUrl = Annotated[str, Field(pattern=r"^data:image/png;base64,", description="A PNG as a data: URL.",
                                   json_schema_extra={"contentMediaType": "image/png"})]
 Range = Annotated[tuple[float, float], Field(description="[low, high]")]
@@ -80,11 +83,17 @@ class Prediction(Body):
         description="Every label's probability, in the model's label order; they sum to 1.")
     top_k: list[LabelScore] = Field(None, min_length=1, description=(
         "Only with the `top_k` query parameter: the k most probable labels, most probable first."))
+    in_domain: bool = Field(description="False when the image looks like none of the labels (\"none of these\"): "
+                                        "its domain_score is below the threshold set at export, which flags at most "
+                                        "5 % of the labels' own validation images.")
+    domain_score: Probability = Field(description="How much the image looks like the training images, 0 to 1 "
+                                                  "(higher = more alike).")
 
 
 class ClassifyResponse(Body):
     model: str = Field(description="The model that answered.", examples=["lenet"])
     version: str = Field(description="Its version.", examples=["1"])
+    precision: Precision
     predictions: list[Prediction] = Field(description="One per image, in request order.")
 
 
@@ -171,6 +180,11 @@ class VersionMetrics(Body):
     validation_accuracy: float | None
     validation_count: int | None
     per_class: dict[str, dict[str, Any]] | None = Field(description="label → {accuracy, precision, support}.")
+    calibration: stored.Calibration = Field(description="The temperature baked into the graph, and validation "
+                                                        "accuracy, ECE and log-loss before and after it.")
+    domain: stored.Domain = Field(description="The \"none of these\" rule and how it did on held-out images.")
+    baselines: stored.Baselines = Field(description="What validation measured, for drift alerts.")
+    quantization: stored.Quantization | None = Field(description="INT8 against FP32 on validation.")
 
 
 class TrainingSummary(Body):
@@ -182,7 +196,8 @@ class TrainingSummary(Body):
 class LoadedVersion(Body):
     version: str = Field(examples=["1"])
     state: Literal["ready", "loading"]
-    sha256: str | None = Field(description="SHA-256 of model.onnx.")
+    precision: Precision
+    sha256: str | None = Field(description="SHA-256 of the classify graph that serves.")
     created_at: str | None
     labels: list[str]
     parameters: int | None = Field(description="Number of trained parameters.")
@@ -234,6 +249,7 @@ class ModelDescription(Body):
     default_version: str | None = Field(description="The version that serves requests naming none; null when none "
                                                     "is loaded.")
     versions: list[VersionDescription] = Field(description="Every version in the store, in version order.")
+    precision: Precision = Field(None)
     labels: list[str] = Field(None)
     input: ModelInput = Field(None)
     outputs: list[ModelOutput] = Field(None)
@@ -247,8 +263,8 @@ class ModelList(Body):
 
 
 # /v2: the Open Inference Protocol -----------------------------------------------------------------------------------
-Datatype = Literal["FP32", "BYTES"]
-OutputName = Literal["probabilities"]
+Datatype = Literal["FP32", "BYTES", "BOOL"]
+OutputName = Literal["probabilities", "domain_score", "in_domain"]
 
 
 class ServerMetadata(Body):
@@ -298,9 +314,9 @@ class InferenceOutput(Body):
     """Exactly one of `data` (JSON) and `parameters` (the binary extension) is present."""
 
     name: OutputName
-    datatype: Literal["FP32"]
+    datatype: Literal["FP32", "BOOL"]
     shape: Dims
-    data: list[float] = Field(None, description="The values, flat, row-major.")
+    data: list[float] | list[bool] = Field(None, description="The values, flat, row-major.")
     parameters: OutputParameters = Field(None)
 
 

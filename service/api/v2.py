@@ -1,7 +1,8 @@
 """The Open Inference Protocol (KServe v2 REST), as Triton, KServe and MLServer speak it.
 
 Inputs: FP32 ``[N, 3, H, W]`` (preprocessed, named ``input``) or BYTES ``[N]`` (encoded images: base64 strings in
-JSON, raw bytes with the binary tensor extension). Output: ``probabilities`` FP32 ``[N, labels]``.
+JSON, raw bytes with the binary tensor extension). Outputs: ``probabilities`` FP32 ``[N, labels]`` (calibrated),
+``domain_score`` FP32 ``[N]`` and ``in_domain`` BOOL ``[N]`` (the "none of these" answer).
 The binary tensor extension is supported both ways, so ``tritonclient.http`` works unchanged.
 """
 
@@ -15,7 +16,7 @@ from service.api.openapi import Reply, documented
 from service.api.schemas import InferenceResponse, ModelMetadata, ModelReady, ServerLive, ServerMetadata, ServerReady
 from service.errors import InvalidJSON, NotReady
 from service.inputs import parse_json
-from service.oip import ENCODED_INPUT, OUTPUT
+from service.oip import ENCODED_INPUT, output_metadata
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -57,7 +58,7 @@ def model_metadata(name: str, version: str | None = None):
         versions=registry.loaded_versions(model.name),
         platform="onnxruntime_onnx",
         inputs=[{"name": model.input_name, "datatype": "FP32", "shape": model.input_shape}],
-        outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(model.labels)]}],
+        outputs=output_metadata(model),
         parameters={"labels": model.labels, "alternative_input": {"name": ENCODED_INPUT, "datatype": "BYTES",
                                                                   "shape": [-1]}},
     ))

@@ -458,6 +458,7 @@ function clearResults() {
   for (const key of ["model", "version", "source", "run"]) delete result.dataset[key];
   $("#prediction-label").textContent = "—";
   $("#prediction-confidence").textContent = "";
+  $("#domain-warning").hidden = true;
   $("#probabilities").replaceChildren();
   $("#model-line").textContent = "";
   $("#seen-input").hidden = true;
@@ -502,6 +503,12 @@ function renderPrediction(classified) {
   label.textContent = result.label;
   label.dataset.label = result.label;
   $("#prediction-confidence").textContent = `${percent(result.confidence)} confident`;
+  const warning = $("#domain-warning");
+  warning.hidden = result.in_domain;
+  warning.dataset.domainScore = String(result.domain_score);
+  warning.textContent = result.in_domain ? "" :
+    `This doesn't look like a ${listWithOr(labels)} (domain score ${fmt(result.domain_score)}, under the model's ` +
+    "threshold): the bars say which label it is closest to, not that it is one.";
   $("#probabilities").replaceChildren(...labels.map((name) => {
     const p = result.probabilities[name];
     return h("div", {
@@ -513,7 +520,12 @@ function renderPrediction(classified) {
       h("span", { class: "prob-fill", style: { width: `${Math.max(p * 100, 0.4)}%` } })),
     h("span", { class: "prob-value", title: String(p) }, percent(p)));
   }));
-  $("#model-line").textContent = `${classified.model} v${classified.version} · probabilities from POST /classify`;
+  $("#model-line").textContent =
+    `${classified.model} v${classified.version} (${classified.precision}) · calibrated probabilities from POST /classify`;
+}
+
+function listWithOr(items) {
+  return items.length < 2 ? items.join("") : `${items.slice(0, -1).join(", ")} or ${items[items.length - 1]}`;
 }
 
 function integerZoom(naturalWidth, target = MAP_TARGET_WIDTH) {
