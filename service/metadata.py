@@ -1,8 +1,8 @@
 """metadata.json as one typed schema: export writes a ``ModelMetadata``, the service reads one.
 
 A version whose metadata misses or mistypes a field fails to load with the field's name. The JSON Schema is published
-at ``GET /schemas/metadata.json`` and in ``model_store/metadata.schema.json`` (written by ``python -m service.metadata``,
-checked by the tests).
+at ``GET /schemas/metadata.json`` and in ``model_store/metadata.schema.json`` (written by
+``python -m service.metadata``, checked by the tests).
 """
 
 from __future__ import annotations

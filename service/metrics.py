@@ -78,8 +78,10 @@ BASELINE = Gauge(f"{PREFIX}_model_baseline", "What validation measured for a mod
 
 
 def record_baselines(model: str, version: str, baselines) -> None:
+    """At load: what validation measured; the out-of-domain counter starts at 0, so rate() sees its first images."""
     for quantity, value in baselines.model_dump().items():
         BASELINE.labels(model, version, quantity).set(value)
+    OUT_OF_DOMAIN.labels(model, version)
 
 
 def record_answers(model: str, version: str, confidence, domain_score, in_domain) -> None:

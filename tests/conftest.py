@@ -39,9 +39,10 @@ def client(app):
 
 @pytest.fixture()
 def lenet_store(tmp_path) -> Path:
-    """A private store holding a copy of the shipped lenet model (version 1)."""
+    """A private store holding a copy of the shipped lenet model, as its version 1."""
     store = tmp_path / "store"
-    shutil.copytree(SHIPPED_STORE / "lenet", store / "lenet", ignore=shutil.ignore_patterns("*.png"))
+    shipped = max((SHIPPED_STORE / "lenet").iterdir(), key=lambda path: int(path.name))
+    shutil.copytree(shipped, store / "lenet" / "1", ignore=shutil.ignore_patterns("*.png"))
     return store
 
 

@@ -26,7 +26,8 @@ def labels_of(client, name):
 
 
 def assert_prediction_contract(prediction, labels):
-    assert set(prediction) >= {"label", "confidence", "probabilities"}
+    assert set(prediction) >= {"label", "confidence", "probabilities", "in_domain", "domain_score"}
+    assert isinstance(prediction["in_domain"], bool) and 0 <= prediction["domain_score"] <= 1
     assert list(prediction["probabilities"]) == labels  # the model's label order
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert prediction["label"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
@@ -86,8 +87,8 @@ def test_octet_stream_is_sniffed(client):
 
 
 def test_versioned_route(client):
-    response = client.post("/v1/models/lenet/versions/1/classify", data=image_bytes(), content_type="image/png")
-    assert response.status_code == 200 and response.get_json()["version"] == "1"
+    response = client.post("/v1/models/lenet/versions/2/classify", data=image_bytes(), content_type="image/png")
+    assert response.status_code == 200 and response.get_json()["version"] == "2"
 
 
 @pytest.mark.parametrize(("query", "expected"), [("top_k=2", 2), ("top_k=4", 4), ("top_k=99", 4), ("top_k=1", 1)])
@@ -132,7 +133,8 @@ def test_models_list(client):
         assert model["input"]["preprocessing"]["height"] == 32
         version = next(v for v in model["versions"] if v["version"] == model["default_version"])
         assert version["state"] == "ready"
-        assert version["sha256"] == metadata["sha256"]
+        served = metadata["files"]["model_int8" if version["precision"] == "int8" else "model"]
+        assert version["sha256"] == served["sha256"] and model["precision"] == version["precision"]
         assert version["metrics"]["validation_accuracy"] == metadata["metrics"]["validation"]["accuracy"]
         stages = model["inspection"]["stages"]
         assert [s["name"] for s in stages] == [s["name"] for s in metadata["inspection"]["stages"]]
@@ -145,7 +147,7 @@ def test_models_list(client):
 def test_model_and_version_metadata(client):
     model = client.get("/v1/models/lenet")
     assert model.status_code == 200 and model.get_json()["name"] == "lenet"
-    version = client.get("/v1/models/lenet/versions/1")
+    version = client.get("/v1/models/lenet/versions/2")
     assert version.status_code == 200 and version.get_json()["state"] == "ready"
 
 

@@ -35,15 +35,17 @@ def test_server_and_health(client):
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").get_json() == {"ready": True}
     assert client.get("/v2/models/lenet/ready").get_json() == {"name": "lenet", "ready": True}
-    assert client.get("/v2/models/lenet/versions/1/ready").status_code == 200
+    assert client.get("/v2/models/lenet/versions/2/ready").status_code == 200
 
 
 def test_model_metadata(client):
     body = client.get("/v2/models/lenet").get_json()
-    assert body["name"] == "lenet" and "1" in body["versions"]
+    assert body["name"] == "lenet" and "2" in body["versions"]
     assert body["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
-    assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 4]}]
-    assert client.get("/v2/models/lenet/versions/1").status_code == 200
+    assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 4]},
+                               {"name": "domain_score", "datatype": "FP32", "shape": [-1]},
+                               {"name": "in_domain", "datatype": "BOOL", "shape": [-1]}]
+    assert client.get("/v2/models/lenet/versions/2").status_code == 200
 
 
 def test_infer_fp32_json_matches_v1(client, lenet_input):
@@ -61,17 +63,39 @@ def test_infer_fp32_json_matches_v1(client, lenet_input):
     response = client.post("/v2/models/lenet/infer", json=request)
     assert response.status_code == 200
     body = response.get_json()
-    assert body["model_name"] == "lenet" and body["model_version"] == "1" and body["id"] == "r1"
-    output = body["outputs"][0]
+    assert body["model_name"] == "lenet" and body["model_version"] == "2" and body["id"] == "r1"
+    output, score, in_domain = body["outputs"]
     assert output["name"] == "probabilities" and output["datatype"] == "FP32" and output["shape"] == [2, 4]
     np.testing.assert_allclose(np.array(output["data"]).reshape(2, 4), classify_v1(client, (1, 2)), atol=1e-6)
+    # Without "outputs" in the request every output comes back: the "none of these" answer per image too.
+    assert score["name"] == "domain_score" and score["datatype"] == "FP32" and score["shape"] == [2]
+    assert in_domain["name"] == "in_domain" and in_domain["datatype"] == "BOOL" and in_domain["shape"] == [2]
+    assert all(isinstance(flag, bool) for flag in in_domain["data"]) and all(0 <= v <= 1 for v in score["data"])
+
+
+def test_requested_outputs_come_back_alone_and_in_binary(client, lenet_input):
+    request = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(lenet_input.shape),
+                           "data": lenet_input.ravel().tolist()}],
+               "outputs": [{"name": "in_domain", "parameters": {"binary_data": True}}, {"name": "domain_score"}]}
+    response = client.post("/v2/models/lenet/infer", json=request)
+    assert response.status_code == 200
+    header_length = int(response.headers["Inference-Header-Content-Length"])
+    body = json.loads(response.data[:header_length])
+    flags, score = body["outputs"]
+    assert flags == {"name": "in_domain", "datatype": "BOOL", "shape": [2], "parameters": {"binary_data_size": 2}}
+    assert response.data[header_length:] in (b"\x00\x00", b"\x00\x01", b"\x01\x00", b"\x01\x01")
+    v1 = client.post("/v1/models/lenet/classify", data={str(s): (io.BytesIO(image_bytes(seed=s)), f"{s}.png")
+                                                         for s in (1, 2)}, content_type="multipart/form-data")
+    expected = [p["domain_score"] for p in v1.get_json()["predictions"]]
+    np.testing.assert_allclose(score["data"], expected, atol=1e-6)
+    assert list(response.data[header_length:]) == [int(p["in_domain"]) for p in v1.get_json()["predictions"]]
 
 
 def test_infer_nested_data_is_accepted(client, lenet_input):
     request = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": lenet_input[:1].tolist()}]
     }
-    assert client.post("/v2/models/lenet/versions/1/infer", json=request).status_code == 200
+    assert client.post("/v2/models/lenet/versions/2/infer", json=request).status_code == 200
 
 
 def test_infer_bytes_base64(client):

@@ -35,7 +35,7 @@ def v1_probabilities(server, model, payloads):
 def test_tritonclient_live_ready_metadata_infer(server):
     client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("convnet") and client.is_model_ready("lenet", "1")
+    assert client.is_model_ready("convnet") and client.is_model_ready("lenet", "2")
     assert client.get_server_metadata()["name"] == "convserve"
     metadata = client.get_model_metadata("lenet")
     assert metadata["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
@@ -61,6 +61,15 @@ def test_tritonclient_sends_encoded_images_as_bytes(server):
     result = client.infer("convnet", [tensor])
     np.testing.assert_allclose(result.as_numpy("probabilities"), v1_probabilities(server, "convnet", payloads),
                                atol=1e-6)
+    # The "none of these" answer, as extra output tensors a v2 client reads like any other, in JSON or binary.
+    v1 = requests.post(f"{server.url}/v1/models/convnet/classify", timeout=10,
+                       files=[("image", (f"{i}", p)) for i, p in enumerate(payloads)]).json()["predictions"]
+    for binary in (False, True):
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("in_domain", "domain_score")]
+        answered = client.infer("convnet", [tensor], outputs=outputs)
+        assert answered.as_numpy("in_domain").dtype == np.bool_ and answered.as_numpy("probabilities") is None
+        assert answered.as_numpy("in_domain").tolist() == [p["in_domain"] for p in v1]
+        np.testing.assert_allclose(answered.as_numpy("domain_score"), [p["domain_score"] for p in v1], atol=1e-6)
 
 
 def test_tritonclient_sees_errors(server):

@@ -1,0 +1,75 @@
+"""What an answer means, served: calibrated probabilities, "none of these", the precision that served it, and the
+drift metrics that compare served answers with what validation measured."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from service.metadata import ModelMetadata
+from tests.conftest import SHIPPED_STORE
+from tests.helpers import encode, metric_value
+
+NOISE = encode(np.random.default_rng(0).integers(0, 256, size=(96, 96, 3), dtype=np.uint8), "PNG")
+
+
+def served_metadata(client, name: str) -> ModelMetadata:
+    version = client.get(f"/v1/models/{name}").get_json()["default_version"]
+    return ModelMetadata.read(SHIPPED_STORE / name / version / "metadata.json")
+
+
+@pytest.mark.parametrize("name", ["convnet", "lenet"])
+def test_every_answer_carries_precision_and_the_none_of_these_answer(client, name):
+    answer = client.post(f"/v1/models/{name}/classify", data=NOISE, content_type="image/png").get_json()
+    metadata = served_metadata(client, name)
+    expected_precision = "int8" if metadata.files.model_int8 is not None else "fp32"
+    assert answer["precision"] == expected_precision
+    assert client.get(f"/v1/models/{name}").get_json()["precision"] == expected_precision
+    prediction = answer["predictions"][0]
+    assert prediction["in_domain"] == (prediction["domain_score"] >= metadata.metrics.domain.threshold)
+
+
+def test_noise_is_none_of_the_labels(client):
+    prediction = client.post("/v1/classify", data=NOISE, content_type="image/png").get_json()["predictions"][0]
+    assert prediction["in_domain"] is False, prediction
+
+
+def test_precision_fp32_serves_the_fp32_graph(make_client, client):
+    metadata = served_metadata(client, "convnet")
+    assert metadata.files.model_int8 is not None, "the shipped default model serves INT8"
+    fp32 = make_client(PRECISION="fp32")
+    description = fp32.get("/v1/models/convnet").get_json()
+    version = next(v for v in description["versions"] if v["version"] == description["default_version"])
+    assert description["precision"] == version["precision"] == "fp32"
+    assert version["sha256"] == metadata.files.model.sha256
+    int8_answer = client.post("/v1/classify", data=NOISE, content_type="image/png").get_json()["predictions"][0]
+    fp32_answer = fp32.post("/v1/classify", data=NOISE, content_type="image/png").get_json()["predictions"][0]
+    assert fp32_answer["probabilities"] != int8_answer["probabilities"]  # two graphs really served
+    assert abs(fp32_answer["domain_score"] - int8_answer["domain_score"]) < 0.2
+
+
+def test_model_description_gives_calibration_domain_and_quantization_figures(client):
+    version = client.get("/v1/models/convnet/versions/" + served_metadata(client, "convnet").version).get_json()
+    figures = version["metrics"]
+    metadata = served_metadata(client, "convnet").metrics
+    assert figures["calibration"]["temperature"] == metadata.calibration.temperature
+    assert figures["calibration"]["after"]["ece"] <= 0.03 < figures["calibration"]["before"]["ece"]
+    assert figures["domain"]["own_flagged"] <= 0.05 and figures["domain"]["other_flagged"] >= 0.80
+    assert figures["quantization"]["accepted"] and figures["quantization"]["top1_agreement"] >= 0.99
+    assert figures["baselines"] == json.loads(metadata.baselines.model_dump_json())
+
+
+def test_drift_metrics_count_served_answers_against_the_baselines(client):
+    before = client.get("/metrics").get_data(as_text=True)
+    metadata = served_metadata(client, "convnet")
+    labels = {"model": "convnet", "version": metadata.version}
+    for _ in range(3):
+        assert client.post("/v1/classify", data=NOISE, content_type="image/png").status_code == 200
+    after = client.get("/metrics").get_data(as_text=True)
+    for name in ("convserve_confidence_count", "convserve_domain_score_count", "convserve_out_of_domain_total"):
+        assert metric_value(after, name, **labels) - metric_value(before, name, **labels) == 3, name
+    for quantity, value in metadata.metrics.baselines.model_dump().items():
+        assert metric_value(after, "convserve_model_baseline", quantity=quantity, **labels) == pytest.approx(value)
+    assert metric_value(after, "convserve_model_info", precision="int8", **labels) == 1
