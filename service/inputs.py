@@ -55,9 +55,14 @@ def images_from_request(request: Request, max_images: int) -> list[bytes]:
         raise EmptyBody(f"The request body is empty; send an image as {ACCEPTED}.")
     else:
         raise UnsupportedMediaType(f"Content-Type {mimetype or '(none)'!r} is not supported; use {ACCEPTED}.")
-    if len(images) > max_images:
-        raise TooManyImages(f"{len(images)} images in one request; the limit is {max_images}. Split the batch.")
+    check_batch_size(len(images), max_images)
     return images
+
+
+def check_batch_size(count: int, max_images: int) -> None:
+    """The one check of MAX_BATCH_IMAGES, for every form a request takes (/v1 bodies, /v2 tensors)."""
+    if count > max_images:
+        raise TooManyImages(f"{count} images in one request; the limit is {max_images}. Split the batch.")
 
 
 def _images_from_json(body: bytes) -> list[bytes]:

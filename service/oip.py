@@ -11,8 +11,8 @@ import struct
 
 import numpy as np
 
-from service.errors import InvalidTensor, TooManyImages
-from service.inputs import decode_base64
+from service.errors import InvalidTensor
+from service.inputs import check_batch_size, decode_base64
 from service.model import Outputs
 
 DATATYPES = {"FP32": np.float32, "BYTES": object}
@@ -47,8 +47,7 @@ def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.nda
             or not all(_whole(d) and d >= 1 for d in shape)):
         raise InvalidTensor("Input shape must be a non-empty list of positive integers, starting with the batch size.")
     shape = [int(d) for d in shape]
-    if shape[0] > max_images:
-        raise TooManyImages(f"{shape[0]} images in one request; the limit is {max_images}.")
+    check_batch_size(shape[0], max_images)
     if datatype == "FP32" and shape[1:] != list(model.input_shape[1:]):  # before any size is computed from it
         raise InvalidTensor(f"Input must have shape [N, {', '.join(map(str, model.input_shape[1:]))}]; "
                             f"got {shape}.")

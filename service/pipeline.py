@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from service import metrics, oip, visualize
-from service.errors import DecodeBudgetExceeded, InvalidImage, InvalidParameter, ServiceError, TooManyImages
+from service.errors import DecodeBudgetExceeded, InvalidParameter, ServiceError
 from service.model import CLASSIFY_OUTPUTS, OnnxModel, Outputs
 from service.preprocessing import decode_opened, decoded_bytes, normalize, open_for
 from service.scheduler import InferenceQueue
@@ -153,12 +153,7 @@ class InferencePipeline:
         if isinstance(tensor, np.ndarray):
             model.check_tensor(tensor)
             outputs = self.predict(model, np.ascontiguousarray(tensor, dtype=np.float32))
-        else:
-            if not tensor:
-                raise InvalidImage("The BYTES input holds no images.")
-            if len(tensor) > self.settings.MAX_BATCH_IMAGES:
-                raise TooManyImages(f"{len(tensor)} images in one request; the limit is "
-                                    f"{self.settings.MAX_BATCH_IMAGES}. Split the batch.")
+        else:  # encoded images, as many as the shape says: input_tensor has checked that count
             outputs = self.predict(model, self.preprocess(model, tensor))
         return oip.response(request, model, outputs)
 
