@@ -7,7 +7,8 @@ as there are workers, with no HTTP.
 Hostile load: throughput at 8 connections while 300 connections trickle bodies at 1 byte/s, and health/metrics
 latency from outside; 512 connections posting 1920x1080 JPEGs (4x overload): shedding, wrk time-outs and errors,
 health/metrics latency. Faults: kill -9 of a worker under load, SIGTERM under load with a drain.
-Also single-image ONNX Runtime latency, inspect latency, and classify throughput after inspect has been used.
+Also single-image ONNX Runtime latency of the INT8 and FP32 graphs, served throughput with PRECISION=int8 and fp32,
+inspect latency, and classify throughput after inspect has been used.
 Results go to bench/results/bench-<time>.json. Timings are compared only as ratios taken within one run.
 """
 
@@ -60,8 +61,9 @@ def in_process_limit(folder: Path, payload: bytes, processes: int, seconds: floa
     return sum(counts) / seconds
 
 
-def single_image_latency_ms(folder: Path, repeats: int = 500) -> float:
-    model = OnnxModel(folder, intra_op_threads=1)
+def single_image_latency_ms(folder: Path, precision: str = "int8", repeats: int = 500) -> tuple[float, str]:
+    """Median ONNX Runtime time of one image on one thread, and the precision that ran."""
+    model = OnnxModel(folder, intra_op_threads=1, precision=precision)
     model.load()
     batch = np.zeros((1, *model.input_shape[1:]), np.float32)
     for _ in range(50):
@@ -71,7 +73,23 @@ def single_image_latency_ms(folder: Path, repeats: int = 500) -> float:
         started = time.perf_counter()
         model.predict(batch)
         timings.append(time.perf_counter() - started)
-    return statistics.median(timings) * 1000
+    return statistics.median(timings) * 1000, model.precision
+
+
+def latency_by_precision(folder: Path) -> dict:
+    """INT8 and FP32 one after the other, twice each (interleaved, since this machine is noisy): medians and ratio."""
+    runs = {"int8": [], "fp32": []}
+    for _ in range(2):
+        for precision in runs:
+            milliseconds, served = single_image_latency_ms(folder, precision)
+            runs[precision].append(milliseconds)
+            if served != precision:  # the version has no INT8 graph
+                runs.pop("int8", None)
+                break
+    result = {precision: round(min(values), 3) for precision, values in runs.items()}
+    if "int8" in result:
+        result["fp32_over_int8"] = round(result["fp32"] / result["int8"], 2)
+    return result
 
 
 def latest_version(store: Path, name: str) -> Path:
@@ -102,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                "model": {"name": args.model, "version": folder.name}, "workers": args.workers,
                "seconds_per_case": args.seconds, "cases": [], "onnx_latency_ms": {}, "inspect": {}}
     for name in sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        results["onnx_latency_ms"][name] = round(single_image_latency_ms(latest_version(store, name)), 3)
+        results["onnx_latency_ms"][name] = latency_by_precision(latest_version(store, name))
+        print(f"  {name}: one image on one thread {results['onnx_latency_ms'][name]} ms", flush=True)
     limits = {label: in_process_limit(folder, payload, args.workers, args.seconds)
               for label, (payload, _) in images.items()}
     for folder in ("served", "baseline", "drain"):
@@ -120,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         served.stop()
         baseline.stop()
+    results["precision"] = served_precisions(work, wrk, images, args)
     results["sigterm_drain"] = sigterm_under_load(work, images, args)
     shutil.rmtree(work, ignore_errors=True)
     print_table(results)
@@ -151,6 +171,31 @@ def throughput(wrk: Wrk, served, baseline, images, limits, args) -> list[dict]:
                   f"(baseline {before['p99_ms']:7.2f})  limit {limit:7.1f}/s  ratio {case['ratio_to_limit']:.2f}",
                   flush=True)
     return cases
+
+
+def served_precisions(work: Path, wrk: Wrk, images, args) -> dict:
+    """Small images at 8 connections, served with PRECISION=int8 (the default) and PRECISION=fp32, interleaved."""
+    payload, content_type = images["32x32 PNG"]
+    servers = {}
+    for precision in ("int8", "fp32"):
+        (work / precision).mkdir()
+        servers[precision] = GunicornServer(work / precision, WORKERS=args.workers, PRECISION=precision)
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        runs = {precision: [] for precision in servers}
+        for _ in range(2):
+            for precision, server in servers.items():
+                runs[precision].append(wrk.run(classify_url(server, args.model), payload, content_type, 8,
+                                               args.seconds)["req_per_s"])
+    finally:
+        for server in servers.values():
+            server.stop()
+    result = {precision: round(max(values), 1) for precision, values in runs.items()}
+    result["int8_over_fp32"] = round(result["int8"] / result["fp32"], 2)
+    print(f"  32x32 PNG c=8: INT8 {result['int8']} req/s, FP32 {result['fp32']} req/s "
+          f"(x{result['int8_over_fp32']})", flush=True)
+    return result
 
 
 def inspect_cases(wrk: Wrk, server, images, args) -> tuple[dict, dict]:
@@ -277,8 +322,12 @@ def print_table(results: dict) -> None:
         print(f"| {label} | {row['req_per_s']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} | {row['timeouts']} | "
               f"{row['connection_errors']} | {row['non_2xx']} | {health['/healthz']['p99_ms']} | "
               f"{health['/readyz']['p99_ms']} | {health['/metrics']['p99_ms']} |")
-    print("\nsingle-image ONNX Runtime latency, 1 thread (median): " +
-          ", ".join(f"{name} {ms:.3f} ms" for name, ms in results["onnx_latency_ms"].items()))
+    print("\nsingle-image ONNX Runtime latency, 1 thread (median): " + "; ".join(
+        f"{name} " + ", ".join(f"{key} {value}" for key, value in figures.items())
+        for name, figures in results["onnx_latency_ms"].items()))
+    precision = results["precision"]
+    print(f"served, 32x32 PNG at c=8: INT8 {precision['int8']} req/s, FP32 {precision['fp32']} req/s "
+          f"(x{precision['int8_over_fp32']})")
     print("inspect latency over HTTP (p50): " +
           ", ".join(f"{name} {v['p50_ms']:.1f} ms" for name, v in results["inspect"].items()))
     after = results["classify_after_inspect"]
