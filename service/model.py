@@ -19,7 +19,6 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
-from service.errors import InvalidTensor
 from service.metadata import MetadataError, ModelMetadata, StoredFile
 from service.preprocessing import InputSpec
 
@@ -101,12 +100,6 @@ class OnnxModel:
     def predict(self, batch: np.ndarray) -> Outputs:
         """float32 (N, 3, H, W) → calibrated probabilities, domain scores and in-domain flags."""
         return Outputs(*self.session.run(list(CLASSIFY_OUTPUTS), {self.input_name: batch}))
-
-    def check_tensor(self, batch: np.ndarray) -> None:
-        expected = self.input_shape[1:]
-        if batch.ndim != 4 or list(batch.shape[1:]) != expected:
-            raise InvalidTensor(f"Input must have shape [N, {', '.join(map(str, expected))}]; "
-                                f"got {list(batch.shape)}.")
 
     def inspect(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Every stage's output by name (plus probabilities and class_maps when the model has them); FP32."""

@@ -150,8 +150,7 @@ class InferencePipeline:
     # Open Inference Protocol -------------------------------------------------------------------------------------
     def _infer(self, model: OnnxModel, request: dict, binary: bytes) -> tuple[dict, list[bytes]]:
         tensor = oip.input_tensor(request, model, binary, self.settings.MAX_BATCH_IMAGES)
-        if isinstance(tensor, np.ndarray):
-            model.check_tensor(tensor)
+        if isinstance(tensor, np.ndarray):  # FP32, of the model's input shape: input_tensor has checked it
             outputs = self.predict(model, np.ascontiguousarray(tensor, dtype=np.float32))
         else:  # encoded images, as many as the shape says: input_tensor has checked that count
             outputs = self.predict(model, self.preprocess(model, tensor))
