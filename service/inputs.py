@@ -16,7 +16,6 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from service.errors import EmptyBody, InvalidBase64, InvalidJSON, TooManyImages, UnsupportedMediaType
 from service.preprocessing import IMAGE_FORMATS, IMAGE_MEDIA_TYPES
 
-IMAGE_TYPES = IMAGE_MEDIA_TYPES
 ACCEPTED = ", ".join(types[0] for types, _ in IMAGE_FORMATS.values()) + ", multipart/form-data or application/json"
 
 
@@ -47,7 +46,7 @@ def images_from_request(request: Request, max_images: int) -> list[bytes]:
             raise EmptyBody("The multipart body has no file parts; send each image as a file part (-F image=@x.jpg).")
     elif mimetype == "application/json":
         images = _images_from_json(request.get_data(cache=False))
-    elif mimetype in IMAGE_TYPES or mimetype == "application/octet-stream":
+    elif mimetype in IMAGE_MEDIA_TYPES or mimetype == "application/octet-stream":
         images = [request.get_data(cache=False)]
         if not images[0]:
             raise EmptyBody("The request body is empty; send the image bytes as the body.")

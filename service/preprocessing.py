@@ -36,7 +36,8 @@ IMAGE_FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 IMAGE_MEDIA_TYPES = frozenset(t for types, _ in IMAGE_FORMATS.values() for t in types)
 IMAGE_SUFFIXES = frozenset(s for _, suffixes in IMAGE_FORMATS.values() for s in suffixes)
-FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+_NAMES = [{"WEBP": "WebP"}.get(name, name) for name in IMAGE_FORMATS]  # as people write them
+FORMAT_NAMES = f"{', '.join(_NAMES[:-1])} or {_NAMES[-1]}"  # "JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 RESIZE_RULE = "centre-crop to the input aspect ratio, then bilinear resize (JPEG decoded at >= 2x the input size)"
 # Draft-mode decoding keeps at least this many times the input size so the bilinear downscale still antialiases.
