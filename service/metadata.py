@@ -7,6 +7,7 @@ at ``GET /schemas/metadata.json`` and in ``model_store/metadata.schema.json`` (w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -72,6 +73,17 @@ class InputTensor(TensorSpec):
 class StoredFile(Strict):
     path: str = Field(min_length=1, pattern=r"^[^/\\]+$")  # a file in the version folder, never elsewhere
     sha256: Sha256
+
+    @classmethod
+    def of(cls, folder: Path, filename: str) -> StoredFile:
+        """A file of the version folder with its checksum, as export records it."""
+        return cls(path=filename, sha256=sha256_of(folder / filename))
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256 (hex): what export records in ``StoredFile.sha256`` and the service checks at load."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class Files(Strict):

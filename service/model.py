@@ -6,7 +6,6 @@ Classify runs the INT8 graph when the version has one (unless PRECISION=fp32), e
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import threading
@@ -19,7 +18,7 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
-from service.metadata import MetadataError, ModelMetadata, StoredFile
+from service.metadata import MetadataError, ModelMetadata, StoredFile, sha256_of
 from service.preprocessing import InputSpec
 
 
@@ -115,7 +114,7 @@ class OnnxModel:
 
     def _verified(self, stored: StoredFile) -> Path:
         path = self.folder / stored.path
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_of(path)
         if digest != stored.sha256:
             raise ModelLoadError(f"sha256 of {path.name} is {digest[:12]}…, metadata.json says "
                                  f"{stored.sha256[:12]}…: the file was changed or corrupted; re-export it")

@@ -11,7 +11,6 @@ and an existing version is never overwritten.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -201,14 +200,6 @@ def save_filters(model: nn.Module, path: Path) -> None:
     """The first convolution's weights (out, in, kh, kw) as .npy: the service shows them without an ONNX parser."""
     with torch.no_grad():
         np.save(path, first_conv_weight(model).float().cpu().numpy(), allow_pickle=False)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def staging_folder(store: Path, name: str) -> Path:

@@ -27,7 +27,6 @@ from training.export import (
     next_version,
     publish,
     save_filters,
-    sha256_of,
     split_heads,
     staging_folder,
     utc_now,
@@ -115,10 +114,6 @@ def plot_all(staging: Path, measured: dict, history: list[dict], release: Releas
                                  measured["calibration"]["temperature"])
 
 
-def stored(staging: Path, filename: str) -> StoredFile:
-    return StoredFile(path=filename, sha256=sha256_of(staging / filename))
-
-
 def build_metadata(staging: Path, version: int, classifier: Classifier, measured: dict, quantization: dict,
                    parity: dict, release: Release) -> ModelMetadata:
     spec, labels = release.spec, release.labels
@@ -133,9 +128,9 @@ def build_metadata(staging: Path, version: int, classifier: Classifier, measured
                  {"name": "domain_score", "dtype": "float32", "shape": [-1]},
                  {"name": "in_domain", "dtype": "bool", "shape": [-1]},
                  {"name": "logits", "dtype": "float32", "shape": [-1, len(labels)]}],
-        files=Files(model=stored(staging, "model.onnx"), inspect=stored(staging, "inspect.onnx"),
-                    filters=stored(staging, "filters.npy"),
-                    model_int8=stored(staging, "model.int8.onnx") if quantization["accepted"] else None),
+        files=Files(model=StoredFile.of(staging, "model.onnx"), inspect=StoredFile.of(staging, "inspect.onnx"),
+                    filters=StoredFile.of(staging, "filters.npy"),
+                    model_int8=StoredFile.of(staging, "model.int8.onnx") if quantization["accepted"] else None),
         inspection={"stages": stages, "class_maps": "class_maps" if classifier.model.cam_stage else None,
                     "cam_stage": classifier.model.cam_stage,
                     "first_conv": next(s["name"] for s in stages if s["kind"] == "conv")},
