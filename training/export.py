@@ -236,6 +236,8 @@ def environment() -> dict:
             versions[package] = package_metadata.version(package)
         except package_metadata.PackageNotFoundError:
             versions[package] = None
+    # cpu_count: the machine's CPUs, a fact about the hardware like its processor; not service.settings'
+    # available_cpus(), which sizes the service's threads to its affinity and quota. Training's share: torch_threads.
     hardware = {"machine": platform.machine(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
