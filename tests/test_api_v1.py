@@ -8,14 +8,16 @@ import json
 import shutil
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from service import create_app
+from service.metadata import ModelMetadata
+from service.preprocessing import preprocess
 from service.settings import Settings
 from tests.conftest import SHIPPED_STORE, wait_ready
 from tests.fakes import ExplodingModel, NeverReadyModel
 from tests.helpers import encode, image_bytes, pattern
-from training.evaluate import StoredModel
 
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "GIF": "image/gif",
         "TIFF": "image/tiff"}
@@ -107,15 +109,22 @@ def test_without_top_k_there_is_no_top_k_field(client):
     assert "top_k" not in response.get_json()["predictions"][0]
 
 
-def test_api_and_training_evaluation_give_the_same_probabilities(client):
+def test_api_answers_as_shared_preprocessing_and_onnx_runtime_do(client):
+    """The service's probabilities equal service.preprocessing (which training uses too) followed by ONNX Runtime run
+    directly on the graph the service says it serves."""
     photos = [image_bytes("JPEG", 1920, 1080, seed=9), image_bytes("PNG", 32, 32, seed=2),
               encode(pattern(70, 50), "PNG", mode="LA")]
     for name in ("lenet", "convnet"):
-        stored = StoredModel(SHIPPED_STORE / name / client.get(f"/v1/models/{name}").get_json()["default_version"])
-        expected = stored.classify(photos)
+        described = client.get(f"/v1/models/{name}").get_json()
+        folder = SHIPPED_STORE / name / described["default_version"]
+        metadata = ModelMetadata.read(folder / "metadata.json")
+        graph = metadata.files.model_int8 if described["precision"] == "int8" else metadata.files.model
+        session = ort.InferenceSession(str(folder / graph.path), providers=["CPUExecutionProvider"])
+        batch = np.stack([preprocess(photo, metadata.input.preprocessing.spec()) for photo in photos])
+        (expected,) = session.run(["probabilities"], {metadata.input.name: batch})
         files = {f"f{i}": (io.BytesIO(p), f"{i}") for i, p in enumerate(photos)}
         served = client.post(f"/v1/models/{name}/classify", data=files, content_type="multipart/form-data")
-        got = np.array([[p["probabilities"][label] for label in stored.labels]
+        got = np.array([[p["probabilities"][label] for label in metadata.labels]
                         for p in served.get_json()["predictions"]])
         assert np.abs(got - expected).max() <= 1e-5
 

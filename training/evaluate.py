@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -10,38 +9,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-
-from service.preprocessing import InputSpec, decode, normalize  # noqa: E402
-
-
-class StoredModel:
-    """A model directory of the store, run with ONNX Runtime exactly as the service preprocesses."""
-
-    def __init__(self, model_dir: str | Path):
-        self.dir = Path(model_dir)
-        self.metadata = json.loads((self.dir / "metadata.json").read_text())
-        self.spec = InputSpec.from_metadata(self.metadata["input"]["preprocessing"])
-        self.labels = self.metadata["labels"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.dir / self.metadata["files"]["model"]), options,
-                                            providers=["CPUExecutionProvider"])
-
-    def preprocess(self, images: list[bytes]) -> np.ndarray:
-        """Encoded images → float32 (N, 3, H, W), through the shared preprocessing module."""
-        return normalize(np.stack([decode(data, self.spec) for data in images]), self.spec)
-
-    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
-        return onnx_probabilities(self.session, inputs)
-
-    def classify(self, images: list[bytes]) -> np.ndarray:
-        return self.probabilities(self.preprocess(images))
-
-
-def onnx_probabilities(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    return np.concatenate([session.run(["probabilities"], {"input": inputs[start:start + batch_size]})[0]
-                           for start in range(0, len(inputs), batch_size)])
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
