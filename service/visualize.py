@@ -27,20 +27,25 @@ def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return ((values - low) * scale).clip(0, 255).astype(np.uint8)
 
 
-def feature_grid(maps: np.ndarray) -> dict:
-    """(C, H, W) → one PNG of all channels as grey tiles, row-major, scaled from one shared value range."""
-    channels, height, width = maps.shape
-    columns = math.ceil(math.sqrt(channels))
-    rows = math.ceil(channels / columns)
-    low, high = float(maps.min()), float(maps.max())
+def tile_grid(tiles: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(count, H, W, 1 or 3) uint8 tiles → one RGB picture of them, row-major in a near-square grid, GRID_GAP apart
+    on GAP_COLOUR; and its layout as the API describes it."""
+    count, height, width = tiles.shape[:3]
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
     grid = np.empty((rows * (height + GRID_GAP) - GRID_GAP, columns * (width + GRID_GAP) - GRID_GAP, 3), np.uint8)
     grid[:] = GAP_COLOUR
-    scaled = to_uint8(maps, low, high)[..., None]
-    for channel in range(channels):
-        top, left = (channel // columns) * (height + GRID_GAP), (channel % columns) * (width + GRID_GAP)
-        grid[top:top + height, left:left + width] = scaled[channel]
-    return {"png": png_data_url(grid), "range": [low, high], "rows": rows, "columns": columns,
-            "tile": [height, width], "gap": GRID_GAP}
+    for index, tile in enumerate(tiles):
+        top, left = (index // columns) * (height + GRID_GAP), (index % columns) * (width + GRID_GAP)
+        grid[top:top + height, left:left + width] = tile
+    return grid, {"rows": rows, "columns": columns, "tile": [height, width], "gap": GRID_GAP}
+
+
+def feature_grid(maps: np.ndarray) -> dict:
+    """(C, H, W) → one PNG of all channels as grey tiles, scaled from one shared value range."""
+    low, high = float(maps.min()), float(maps.max())
+    grid, layout = tile_grid(to_uint8(maps, low, high)[..., None])
+    return {"png": png_data_url(grid), "range": [low, high], **layout}
 
 
 def input_image(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -71,18 +76,8 @@ def cam_overlay(class_map: np.ndarray, image: np.ndarray) -> dict:
 
 def filter_grid(weights: np.ndarray) -> dict:
     """(out, in, kh, kw) → the filters as RGB tiles (3 input channels) or greyscale, one shared symmetric range."""
-    out_channels, in_channels, height, width = weights.shape
     limit = float(np.abs(weights).max()) or 1.0
-    columns = math.ceil(math.sqrt(out_channels))
-    rows = math.ceil(out_channels / columns)
-    colour = in_channels == 3
-    shape = (rows * (height + GRID_GAP) - GRID_GAP, columns * (width + GRID_GAP) - GRID_GAP)
-    grid = np.empty((*shape, 3), np.uint8)
-    grid[:] = GAP_COLOUR
     tiles = to_uint8(weights, -limit, limit)
-    for index in range(out_channels):
-        top, left = (index // columns) * (height + GRID_GAP), (index % columns) * (width + GRID_GAP)
-        tile = np.moveaxis(tiles[index], 0, -1) if colour else tiles[index].mean(0).astype(np.uint8)[..., None]
-        grid[top:top + height, left:left + width] = tile
-    return {"png": png_data_url(grid), "range": [-limit, limit], "rows": rows, "columns": columns,
-            "tile": [height, width], "gap": GRID_GAP}
+    tiles = np.moveaxis(tiles, 1, -1) if weights.shape[1] == 3 else tiles.mean(1).astype(np.uint8)[..., None]
+    grid, layout = tile_grid(tiles)
+    return {"png": png_data_url(grid), "range": [-limit, limit], **layout}
