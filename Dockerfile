@@ -3,7 +3,7 @@
 #   make image                       # docker if an engine answers, else buildah; see deploy/build-image.sh
 #   docker run -p 8080:8080 convserve:latest
 #
-# BASE must be a Debian-based image with python3 >= 3.10 and its venv module: the official image (default, python at
+# BASE must be a Debian-based image with python3 >= 3.11 and its venv module: the official image (default, python at
 # /usr/local/bin/python3) or the local debootstrap one from deploy/make-base-image.sh (python at /usr/bin/python3).
 # Both stages use the same BASE, so the venv's interpreter symlink resolves in the final stage.
 ARG BASE=python:3.11-slim-bookworm

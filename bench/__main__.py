@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
     wrk = Wrk(work)
     images = bench_images()
-    results = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    results = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": {"cpus": available_cpus(), "processor": platform.processor() or platform.machine(),
                            "python": platform.python_version()},
                "model": {"name": args.model, "version": folder.name}, "workers": args.workers,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     print_table(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path = args.out / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {path.relative_to(REPO)}")
     return 0

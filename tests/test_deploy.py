@@ -323,6 +323,7 @@ def test_dockerignore_keeps_the_build_context_small():
 
 def test_constraints_pin_every_runtime_dependency():
     import tomllib
+
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 

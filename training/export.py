@@ -17,7 +17,7 @@ import platform
 import shutil
 import tempfile
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata as package_metadata
 from pathlib import Path
 
@@ -255,7 +255,7 @@ def _cpu_name() -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write_json(path: Path, value: dict) -> None:
