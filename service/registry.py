@@ -174,6 +174,10 @@ class ModelRegistry:
     def failure(self, name: str, version: str) -> LoadFailure | None:
         return self.failures.get((name, version))
 
+    def loaded(self) -> list[OnnxModel]:
+        """Every loaded version of every model."""
+        return [model for versions in self.models.values() for model in versions.values()]
+
     def loaded_versions(self, name: str) -> list[str]:
         return sorted(self.models.get(name, {}), key=version_key)
 

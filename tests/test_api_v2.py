@@ -198,7 +198,8 @@ def test_unknown_model_and_output(client, lenet_input):
         "outputs": [{"name": "features"}],
     }
     response = client.post("/v2/models/lenet/infer", json=request)
-    assert response.status_code == 400 and "only output" in response.get_json()["error"]
+    assert response.status_code == 400 and "Outputs are named 'probabilities', 'domain_score', 'in_domain'" in \
+        response.get_json()["error"]
 
 
 @pytest.mark.parametrize(

@@ -204,16 +204,21 @@ def fails_at_warm_up(folder: Path) -> None:
     rows of 7 only fails when the first batch arrives (the registry's warm-up)."""
     metadata = json.loads((folder / "metadata.json").read_text())
     graph = helper.make_graph(
-        [helper.make_node("Reshape", ["input", "rows_of_seven"], ["probabilities"])], "fails_at_warm_up",
+        [helper.make_node("Reshape", ["input", "rows_of_seven"], ["probabilities"]),
+         helper.make_node("ReduceMean", ["input"], ["domain_score"], axes=[1, 2, 3], keepdims=0),
+         helper.make_node("Greater", ["domain_score", "zero"], ["in_domain"])], "fails_at_warm_up",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["rows", 7])],
-        [helper.make_tensor("rows_of_seven", TensorProto.INT64, [2], [-1, 7])])
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["rows", 7]),
+         helper.make_tensor_value_info("domain_score", TensorProto.FLOAT, ["N"]),
+         helper.make_tensor_value_info("in_domain", TensorProto.BOOL, ["N"])],
+        [helper.make_tensor("rows_of_seven", TensorProto.INT64, [2], [-1, 7]),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    path = folder / metadata["files"]["model"]
+    path = folder / metadata["files"]["model"]["path"]
     onnx.save(model, str(path))
-    metadata["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    metadata["files"]["model"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (folder / "metadata.json").write_text(json.dumps(metadata))
 
 
@@ -230,8 +235,8 @@ def test_a_version_failing_at_warm_up_is_marked_failed_and_later_versions_load(l
     assert registry.served("lenet").version == "3"
     assert registry.ready and registry.readiness_problem() is None
     assert registry.describe_version("lenet", "2")["state"] == "failed"
-    probabilities = registry.served("lenet").predict(np.zeros((1, 3, 32, 32), np.float32))
-    assert probabilities.shape == (1, 4)
+    outputs = registry.served("lenet").predict(np.zeros((1, 3, 32, 32), np.float32))
+    assert outputs.probabilities.shape == (1, 4)
 
 
 def test_the_app_serves_when_one_version_fails_at_warm_up(make_client, lenet_store):

@@ -128,7 +128,8 @@ def test_a_rescan_loads_new_versions_and_drops_removed_ones(registry_for, lenet_
     unpublish(lenet_store, "lenet", "2")
     registry.rescan()
     assert registry.loaded_versions("lenet") == ["1"] and registry.get("lenet").version == "1"
-    assert held.predict(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 4)  # an in-flight holder finishes
+    # An in-flight holder finishes on the version it holds.
+    assert held.predict(np.zeros((1, 3, 32, 32), np.float32)).probabilities.shape == (1, 4)
     assert registry.ready
 
 

@@ -131,7 +131,7 @@ class _Facts:
         state = app.extensions["convserve"]
         registry = state.registry
         names = registry.names()
-        loaded = [model for versions in registry.models.values() for model in versions.values()]
+        loaded = registry.loaded()
         return cls(tuple(names), tuple(sorted({v for name in names for v in registry.versions(name)})),
                    tuple(dict.fromkeys(label for model in loaded for label in model.labels)),
                    tuple(sorted({model.input_name for model in loaded})),
