@@ -437,3 +437,14 @@ def test_only_the_default_and_lenet_presets_publish_under_the_served_names():
 
     assert model_name("default", "convnet") == "convnet" and model_name("lenet", "lenet") == "lenet"
     assert model_name("fast", "convnet") == "convnet-fast" and model_name("smoke", "lenet") == "lenet-smoke"
+
+
+def test_a_run_logged_to_a_file_writes_one_line_per_epoch_and_no_bars(tmp_path):
+    tree = write_tree(tmp_path / "data", per_label=8)
+    result = subprocess.run([sys.executable, "-m", "training", "train", "--data", str(tree), "--store",
+                             str(tmp_path / "store"), "--preset", "smoke", "--epochs", "3", "--val-fraction", "0.25"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "\r" not in output, "no carriage-return progress bars when nobody watches a terminal"
+    assert [line.split()[1] for line in output.splitlines() if line.startswith("epoch")] == ["1", "2", "3"]
