@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image, ImageDraw
@@ -294,6 +295,7 @@ def test_page_shows_what_the_network_sees(server, driver, image_file, model):
     for label, probability in shown:
         assert close(float(probability), expected["probabilities"][label]), (label, probability, expected)
     assert driver.find_element(By.ID, "prediction-label").text.lower() == expected["label"]
+    assert driver.find_element(By.ID, "domain-warning").is_displayed() == (not expected["in_domain"])
 
     # 2. every stage, in order, with kind and shape; maps as decoded images of the API's grid, vectors as strips
     cards = driver.execute_script(
@@ -378,6 +380,24 @@ def test_page_shows_what_the_network_sees(server, driver, image_file, model):
     for url in resources + requested_urls(driver):
         parts = urlsplit(url)
         assert parts.scheme in ("data", "blob") or parts.hostname in LOCAL_HOSTS, f"the page requested {url}"
+
+
+def test_an_image_of_none_of_the_labels_is_called_so(server, driver, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(noise)
+    answer = requests.post(f"{server}/v1/classify", data=noise.read_bytes(), headers={"Content-Type": "image/png"},
+                           timeout=30).json()["predictions"][0]
+    assert answer["in_domain"] is False
+    driver.get(f"{server}/")
+    wait_for_state(driver, "idle", "loading the page")
+    driver.find_element(By.ID, "file-input").send_keys(str(noise))
+    wait_for_state(driver, "ready", "classifying noise")
+    warning = driver.find_element(By.ID, "domain-warning")
+    assert warning.is_displayed()
+    assert "doesn't look like a dog, cat, boat or bird" in warning.text, warning.text
+    assert float(warning.get_attribute("data-domain-score")) == pytest.approx(answer["domain_score"], abs=1e-6)
 
 
 def test_paste_drop_url_and_errors(server, driver, image_host):
