@@ -181,7 +181,8 @@ class Quantization(Strict):
     """INT8 against FP32 on the validation split; ``accepted`` only when every check passed."""
 
     accepted: bool
-    method: str
+    method: str  # the recipe that passed, or the last one tried
+    recipes_tried: list[str] = Field(default_factory=list)  # each recipe tried, in order, and what it failed
     calibration_images: int = Field(ge=1)
     top1_agreement: Share
     fp32: PrecisionFigures
