@@ -3,7 +3,8 @@
 QDQ format, per-channel weights, activations calibrated on training images (never validation ones); a few recipes are
 tried in order (``RECIPES``) and the first whose graph passes the checks ships. An INT8 graph passes only when top-1
 agrees with FP32 on nearly every validation image and accuracy, overall and per label, stays within the tolerances
-below; either way both graphs' figures go into the metadata.
+below, and when it is not faster than FP32 after all (a small net can lose more to quantizing and dequantizing than
+it gains); either way both graphs' figures go into the metadata.
 """
 
 from __future__ import annotations
@@ -145,7 +146,10 @@ def quantize_and_check(fp32_path: Path, int8_path: Path, calibration_inputs: np.
         tried.append(f"{recipe.name}: " + ("passed" if not problems else "; ".join(problems)))
         if not problems:
             break
-    else:
+    if not problems and int8["latency_ms"] >= fp32["latency_ms"]:  # a small net can lose more to (de)quantizing
+        problems = [f"INT8 is not faster than FP32 ({int8['latency_ms']:.3f} vs {fp32['latency_ms']:.3f} ms per "
+                    "image): FP32 serves"]
+    if problems:
         int8_path.unlink()
     return {"accepted": not problems, "method": recipe.describe(), "recipes_tried": tried,
             "calibration_images": int(len(calibration_inputs)), "top1_agreement": agreement,
