@@ -33,10 +33,14 @@ def stored(name: str) -> OnnxModel:
     return model
 
 
-def graph_weights(model: OnnxModel, op_type: str, which: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def graph_weights(model: OnnxModel, op_type: str, which: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                                             dict]:
+    """The weights of the ``which``-th ``op_type`` node with constant weights (of ``rows`` outputs, when given: the
+    auxiliary classes' head is a Gemm too)."""
     graph = onnx.load(str(model.folder / "inspect.onnx")).graph
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    nodes = [n for n in graph.node if n.op_type == op_type and n.input[1] in initializers]
+    nodes = [n for n in graph.node if n.op_type == op_type and n.input[1] in initializers
+             and (rows is None or rows in initializers[n.input[1]].shape)]
     node = nodes[which]
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     bias = initializers[node.input[2]] if len(node.input) > 2 else None
@@ -114,7 +118,7 @@ def test_class_activation_maps_are_the_head_applied_to_the_last_feature_maps():
     x = preprocess(image_bytes(seed=4), model.spec)[None]
     out = model.inspect(x)
     features = out[model.metadata.inspection.cam_stage][0]  # (K, h, w)
-    head, head_bias, attributes = graph_weights(model, "Gemm", -1)
+    head, head_bias, attributes = graph_weights(model, "Gemm", -1, rows=len(model.labels))
     matrix = head if attributes.get("transB", 0) else head.T  # (classes, K)
     np.testing.assert_allclose(out["class_maps"][0], np.einsum("ck,khw->chw", matrix, features), atol=1e-4)
     # Global average pooling then the linear head is the mean of each class map plus its bias: the logits.
