@@ -28,7 +28,9 @@ RUN --mount=type=secret,id=ca_bundle \
     && /opt/venv/bin/pip install --no-cache-dir --constraint constraints.txt . \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/python -c "import service, onnxruntime, numpy, PIL, flask, gunicorn, prometheus_client" \
-    && /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools wheel
+    && /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools wheel \
+    && /opt/venv/bin/python -c "import pathlib, swagger_ui_bundle as s; from service.api.docs import SWAGGER_UI_FILES as keep; \
+[p.unlink() for p in pathlib.Path(s.swagger_ui_path).iterdir() if p.is_file() and p.name not in keep]"
 # The model store, readable by the non-root runtime user whatever the modes in the build context were.
 COPY model_store/ /app/model_store/
 RUN chmod -R u=rwX,go=rX /app/model_store

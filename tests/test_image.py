@@ -29,6 +29,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from service.api.docs import SWAGGER_UI_FILES
+from service.settings import Settings
+
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +73,11 @@ class BuiltImage:
     config: dict
     env: dict[str, str]
     size_bytes: int
+
+    @property
+    def settings(self) -> Settings:
+        """What the service in the image runs with: its ENV over the settings' defaults."""
+        return Settings.from_env(self.env)
 
 
 @dataclass
@@ -225,7 +233,6 @@ def test_image_config(image):
     assert config["User"] == f"{UID}:{UID}"
     assert config["Cmd"] == ["gunicorn", "-c", "python:service.gunicorn_config"]
     assert not config.get("Entrypoint")
-    from service.settings import Settings
 
     settings = Settings.from_env(image.env)  # the image's settings pass the service's checks
     assert f"{settings.PORT}/tcp" in config["ExposedPorts"]
@@ -273,7 +280,7 @@ def test_image_has_no_build_tools_torch_or_pip(container):
 
 
 def test_image_ships_the_default_model(image, container):
-    model = image.env["DEFAULT_MODEL"]
+    model = image.settings.DEFAULT_MODEL
     listing = buildah_run(container, "find", f"/app/model_store/{model}", "-name", "*.onnx", check=False)
     assert listing.returncode == 0 and "model.onnx" in listing.stdout, \
         f"the image's DEFAULT_MODEL={model} is not in /app/model_store: {listing.stdout}{listing.stderr}"
@@ -299,6 +306,13 @@ def test_health_endpoints(server):
     assert requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200
 
 
+def test_docs_and_their_assets_are_served_from_the_image(server):
+    assert requests.get(f"{server.url}/docs", timeout=5).status_code == 200
+    assert requests.get(f"{server.url}/openapi.json", timeout=10).json()["openapi"].startswith("3.1")
+    for asset in SWAGGER_UI_FILES:  # the image keeps these of Swagger UI's files and prunes the rest
+        assert requests.get(f"{server.url}/docs/{asset}", timeout=10).status_code == 200, asset
+
+
 def classify(server) -> requests.Response:
     started = time.monotonic()
     response = requests.post(f"{server.url}/v1/classify", data=png_bytes(), headers={"Content-Type": "image/png"},
@@ -311,7 +325,7 @@ def test_classify_contract(server, image):
     response = classify(server)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"] == image.env["DEFAULT_MODEL"]
+    assert body["model"] == image.settings.DEFAULT_MODEL
     assert isinstance(body["version"], str) and body["version"]
     assert len(body["predictions"]) == 1
     prediction = body["predictions"][0]
@@ -325,7 +339,7 @@ def test_classify_contract(server, image):
 
 def test_v2_inference_protocol(server, image):
     """The KServe overlay declares PROTOCOL=v2: the image answers the Open Inference Protocol."""
-    model = image.env["DEFAULT_MODEL"]
+    model = image.settings.DEFAULT_MODEL
     metadata = requests.get(f"{server.url}/v2/models/{model}", timeout=5)
     assert metadata.status_code == 200, metadata.text
     tensor_input = metadata.json()["inputs"][0]
@@ -365,7 +379,7 @@ def scrape(server) -> dict[tuple, float]:
 
 
 def test_metrics_count_the_request(server, image):
-    model = image.env["DEFAULT_MODEL"]
+    model = image.settings.DEFAULT_MODEL
     key = ("convserve_requests_total", (("method", "POST"), ("route", "/v1/classify"), ("status", "200")))
 
     def predictions(samples):
