@@ -86,10 +86,11 @@ def record_baselines(model: str, version: str, baselines) -> None:
 
 def record_answers(model: str, version: str, confidence, domain_score, in_domain) -> None:
     """Per image: its confidence and domain score, and whether it was out of domain."""
+    confidence_series, domain_series = CONFIDENCE.labels(model, version), DOMAIN_SCORE.labels(model, version)
     for value in confidence:
-        CONFIDENCE.labels(model, version).observe(float(value))
+        confidence_series.observe(float(value))
     for value in domain_score:
-        DOMAIN_SCORE.labels(model, version).observe(float(value))
+        domain_series.observe(float(value))
     outside = int(len(in_domain) - in_domain.sum())
     if outside:
         OUT_OF_DOMAIN.labels(model, version).inc(outside)

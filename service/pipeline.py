@@ -86,14 +86,15 @@ class InferencePipeline:
         outputs = model.predict(batch)
         metrics.INFERENCE_LATENCY.labels(model.name, model.version).observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.labels(model.name, model.version).observe(len(batch))
-        self._count(model, outputs.probabilities, outputs.domain_score, outputs.in_domain)
+        self._count(model, outputs)
         return outputs
 
     @staticmethod
-    def _count(model: OnnxModel, probabilities: np.ndarray, domain_score: np.ndarray, in_domain: np.ndarray) -> None:
-        for label_index, count in zip(*np.unique(probabilities.argmax(1), return_counts=True)):
+    def _count(model: OnnxModel, outputs: Outputs) -> None:
+        for label_index, count in zip(*np.unique(outputs.probabilities.argmax(1), return_counts=True)):
             metrics.PREDICTIONS.labels(model.name, model.version, model.labels[label_index]).inc(int(count))
-        metrics.record_answers(model.name, model.version, probabilities.max(1), domain_score, in_domain)
+        metrics.record_answers(model.name, model.version, outputs.probabilities.max(1), outputs.domain_score,
+                               outputs.in_domain)
 
     @staticmethod
     def _each(index: int, count: int, step, *args):
@@ -116,7 +117,7 @@ class InferencePipeline:
         probabilities = answer.probabilities[0]
         metrics.BATCH_SIZE.labels(model.name, model.version).observe(1)
         top = int(probabilities.argmax())
-        self._count(model, *(outputs[name] for name in CLASSIFY_OUTPUTS))
+        self._count(model, answer)
         picture = visualize.input_image(batch[0], model.spec)
         stages = []
         for stage in model.metadata.inspection.stages:

@@ -27,6 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from service.model import CLASSIFY_OUTPUTS as SERVED_OUTPUTS
 from training.calibration import DomainRule
 from training.models import first_conv_weight, keep_first_classes
 
@@ -88,7 +89,8 @@ class Classifier(nn.Module):
         return (*self.answers(logits, features), logits)
 
 
-CLASSIFY_OUTPUTS = ["probabilities", "domain_score", "in_domain", "logits"]
+# What the service reads (service.model.CLASSIFY_OUTPUTS, in order), then the raw logits for tools and parity.
+CLASSIFY_OUTPUTS = [*SERVED_OUTPUTS, "logits"]
 
 
 class Inspector(Classifier):

@@ -173,11 +173,12 @@ def publish_model(model: nn.Module, tta_flip: bool, history: list[dict], release
         raise
 
 
-def release_record(config, preset: str, run_info: dict, started_wall: float, summary: dict, description: str) -> dict:
+def release_record(config, preset: str, run_info: dict, total_wall_time_s: float, summary: dict,
+                   description: str) -> dict:
     """Architecture, training and data, as the metadata keeps them (the whole hyperparameter block included)."""
     return {
         "architecture": {"name": config.arch, "tta_flip": config.tta_flip, "description": description},
         "training": {"config": config.to_dict(), "preset": preset, **run_info,
-                     "total_wall_time_s": started_wall, **environment()},
+                     "total_wall_time_s": total_wall_time_s, **environment()},
         "data": summary,
     }
