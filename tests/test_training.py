@@ -355,6 +355,10 @@ def test_an_interrupted_run_goes_on_from_its_checkpoint_to_the_same_model(tmp_pa
     assert [row["train_loss"] for row in resumed["history"]] == [row["train_loss"] for row in straight["history"]]
     metadata = json.loads((tmp_path / "resumed" / "convnet-smoke" / "1" / "metadata.json").read_text())
     assert metadata["training"]["resumed"] == {"after_epoch": 2, "changed": {}}
+    # Each stretch of epochs says where it ran, so a run trained on a GPU and finished elsewhere is told apart.
+    assert [(s["first_epoch"], s["last_epoch"]) for s in metadata["training"]["trained_on"]] == [(1, 2), (3, 3)]
+    assert {s["device"] for s in metadata["training"]["trained_on"]} == {metadata["training"]["device"]}
+    assert all(s["hardware"] and s["torch"] for s in metadata["training"]["trained_on"])
     # A finished run's checkpoint trains no more: it is exported again, as it was.
     assert train("again", "--checkpoint", str(checkpoint)) == 0
     again = json.loads((tmp_path / "again" / "convnet-smoke" / "1" / "metrics.json").read_text())

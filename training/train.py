@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def seed_everything(seed: int) -> None:
+    # cuBLAS repeats its sums only with a fixed workspace; it must be set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(seed)
     np.random.seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -155,6 +158,19 @@ def save_checkpoint(path: Path, **state) -> None:
     os.replace(staging, path)
 
 
+def hardware_name(device: torch.device) -> str:
+    """The GPU's name, or the processor's, for the record of where each epoch was trained."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def changed_settings(saved: dict, config: TrainConfig) -> dict:
     return {name: [saved.get(name), value] for name, value in config.to_dict().items() if saved.get(name) != value}
 
@@ -191,6 +207,10 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.history = History()
         self.epochs_done, self.earlier_seconds = 0, 0.0
+        # Where each stretch of epochs ran: a run resumed elsewhere (a GPU, then a laptop) says so in its metadata.
+        self.earlier_stretches: list[dict] = []
+        self.stretch = {"device": self.device.type, "hardware": hardware_name(self.device), "torch": torch.__version__,
+                        "bf16": self.use_bf16, "first_epoch": 1}
 
     def steps_in(self, pool: torch.Tensor) -> int:
         return math.ceil(len(pool) / self.config.batch_size)
@@ -223,6 +243,8 @@ class Trainer:
         self.generator.set_state(state["generator"].cpu())  # a byte tensor on the CPU, whatever the device
         self.history.rows = state["history"]
         self.epochs_done, self.earlier_seconds = state["epoch"], state["seconds"]
+        self.earlier_stretches = state.get("stretches", [])
+        self.stretch["first_epoch"] = state["epoch"] + 1
         resumed = {"after_epoch": state["epoch"], "changed": changed_settings(state["config"], self.config)}
         print(f"resuming after epoch {state['epoch']} from {checkpoint}"
               + (f"; changed since: {resumed['changed']}" if resumed["changed"] else ""))
@@ -232,7 +254,14 @@ class Trainer:
         save_checkpoint(checkpoint, epoch=self.epochs_done, images=len(self.x_train), config=self.config.to_dict(),
                         model=self.model.state_dict(), ema=self.ema.state_dict() if self.ema is not None else None,
                         optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                        generator=self.generator.get_state(), history=self.history.rows, seconds=seconds)
+                        generator=self.generator.get_state(), history=self.history.rows, seconds=seconds,
+                        stretches=self.stretches())
+
+    def stretches(self) -> list[dict]:
+        """The stretches of epochs so far, this process's included once it has trained one."""
+        if self.epochs_done < self.stretch["first_epoch"]:
+            return list(self.earlier_stretches)
+        return [*self.earlier_stretches, {**self.stretch, "last_epoch": self.epochs_done}]
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, pasted_targets: torch.Tensor, kept: float,
              focused: bool, teacher_share: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,8 +358,11 @@ def fit(config: TrainConfig, train: LabelledImages, train_inputs: np.ndarray, va
         if checkpoint is not None:
             trainer.save(checkpoint, row["seconds"])
     bar.close()
-    run_info = {"device": str(trainer.device), "bf16": trainer.use_bf16,
-                "wall_time_s": round(time.perf_counter() - started, 1), "steps": total_steps}
+    stretches = trainer.stretches()
+    run_info = {"device": ", ".join(dict.fromkeys(s["device"] for s in stretches)) or str(trainer.device),
+                "bf16": all(s["bf16"] for s in stretches) if stretches else trainer.use_bf16,
+                "wall_time_s": round(time.perf_counter() - started, 1), "steps": total_steps,
+                "trained_on": stretches}
     if resumed is not None:
         run_info["resumed"] = resumed
     return trainer.final_model(), trainer.history, run_info
