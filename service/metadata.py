@@ -175,6 +175,9 @@ class PrecisionFigures(Strict):
     per_class_accuracy: dict[str, Share]
     latency_ms: float | None = None  # one image, one thread, median
     size_bytes: int = Field(ge=1)
+    # "None of these" through this graph at the shared threshold (None: not measured, or no other-class images).
+    own_flagged: Share | None = None
+    other_flagged: Share | None = None
 
 
 class Quantization(Strict):

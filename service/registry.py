@@ -27,6 +27,9 @@ from service.settings import Settings
 log = logging.getLogger("convserve")
 
 
+STRETCH_KEYS = ("device", "hardware", "first_epoch", "last_epoch")  # of training.trained_on, as described
+
+
 @dataclass
 class LoadFailure:
     name: str
@@ -217,7 +220,9 @@ class ModelRegistry:
                         "domain": figures.domain.model_dump(exclude={"candidates"}),
                         "baselines": figures.baselines.model_dump(),
                         "quantization": figures.quantization.model_dump() if figures.quantization else None},
-            "training": {key: metadata.training.get(key) for key in ("preset", "wall_time_s", "device")},
+            "training": {**{key: metadata.training.get(key) for key in ("preset", "wall_time_s", "device")},
+                         "trained_on": [{key: stretch[key] for key in STRETCH_KEYS}
+                                        for stretch in metadata.training.get("trained_on") or []] or None},
         }
 
     # internals -------------------------------------------------------------------------------------------------

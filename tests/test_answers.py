@@ -62,6 +62,11 @@ def test_model_description_gives_calibration_domain_and_quantization_figures(cli
     assert figures["domain"]["own_flagged"] <= 0.05 < figures["domain"]["other_flagged"]
     assert figures["quantization"]["accepted"] and figures["quantization"]["top1_agreement"] >= 0.99
     assert figures["baselines"] == json.loads(metadata.baselines.model_dump_json())
+    # The default model was trained on a GPU and exported here: the description says where its epochs ran.
+    stretches = version["training"]["trained_on"]
+    assert stretches == [{key: s[key] for key in ("device", "hardware", "first_epoch", "last_epoch")}
+                         for s in served_metadata(client, "convnet").training["trained_on"]]
+    assert stretches[-1]["last_epoch"] == served_metadata(client, "convnet").training["config"]["epochs"]
 
 
 def test_drift_metrics_count_served_answers_against_the_baselines(client):

@@ -3,6 +3,7 @@ small model trained for the purpose."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -128,6 +129,40 @@ def test_int8_ships_only_when_it_agrees_with_fp32(small_run, tmp_path, monkeypat
     model = OnnxModel(folder, precision="int8")
     model.load()
     assert model.precision == "fp32"
+
+
+def test_the_none_of_these_threshold_holds_for_the_int8_graph_too(small_run, tmp_path, monkeypatch):
+    """The threshold is set on FP32's scores; were it too high for INT8's, export lowers it until both graphs flag
+    at most the target share of the labels' own validation images, and writes both again."""
+    fitted = calibration.choose_domain_rule
+
+    def too_high(own_raw, other_raw, target=calibration.OWN_FLAGGED_TARGET):
+        rule, aucs = fitted(own_raw, other_raw, target)  # flags every image but the most typical one
+        return dataclasses.replace(rule, threshold=float(rule.apply(own_raw[rule.score]).max())), aucs
+
+    monkeypatch.setattr(calibration, "choose_domain_rule", too_high)
+    # The INT8 graph must ship whatever this tiny net's agreement and this machine's timing: this test is about the
+    # threshold, not about whether INT8 is worth it.
+    monkeypatch.setattr(quantize, "MIN_TOP1_AGREEMENT", 0.0)
+    monkeypatch.setattr(quantize, "MAX_ACCURACY_DROP", 1.0)
+    monkeypatch.setattr(quantize, "MAX_LABEL_ACCURACY_DROP", 1.0)
+    monkeypatch.setattr(quantize, "latency_ms", lambda path, image, repeats=200: 1.0 if "int8" in path.name else 2.0)
+    root = small_run.parent.parent.parent
+    assert main(["train", "--data", str(root / "data"), "--extra-data", str(root / "extra"), "--store", str(tmp_path),
+                 "--preset", "smoke", "--epochs", "3", "--val-fraction", "0.25", "--no-progress"]) == 0
+    folder = tmp_path / "lenet-smoke" / "1"
+    metadata = ModelMetadata.read(folder / "metadata.json")
+    checks, domain = metadata.metrics.quantization, metadata.metrics.domain
+    assert checks.accepted
+    target = calibration.OWN_FLAGGED_TARGET
+    assert domain.own_flagged <= target and checks.fp32.own_flagged <= target and checks.int8.own_flagged <= target
+    assert checks.fp32.own_flagged == domain.own_flagged and checks.int8.other_flagged is not None
+    for precision in ("int8", "fp32"):  # both graphs were written again with the lowered threshold
+        model = OnnxModel(folder, precision=precision)
+        model.load()
+        outputs = model.predict(np.random.default_rng(6).normal(size=(16, 3, 32, 32)).astype(np.float32))
+        assert model.precision == precision
+        assert np.array_equal(outputs.in_domain, outputs.domain_score >= domain.threshold)
 
 
 def test_precision_setting_chooses_the_graph(small_run, tmp_path):

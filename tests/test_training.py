@@ -277,7 +277,8 @@ def test_tiny_run_writes_a_complete_version(tiny_run):
     assert set(metadata["input"]["preprocessing"]) >= {"height", "width", "mean", "std", "scale", "resize"}
     assert metadata["training"]["config"]["arch"] == "convnet"
     assert 0 <= metadata["training"]["wall_time_s"] <= metadata["training"]["total_wall_time_s"]
-    assert metadata["training"]["versions"]["torch"] and metadata["training"]["hardware"]["cpu_count"]
+    exported_on = metadata["training"]["exported_on"]
+    assert exported_on["versions"]["torch"] and exported_on["hardware"]["cpu_count"]
     # A quarter of the other classes is held out: the "none of these" rule is measured on images never trained on.
     assert metadata["data"]["extra_counts"] == {"horse": 4, "frog": 4}
     assert metadata["data"]["other_validation_counts"] == {"horse": 2, "frog": 2}
@@ -440,6 +441,7 @@ def test_only_the_default_and_lenet_presets_publish_under_the_served_names():
     from training.__main__ import model_name
 
     assert model_name("default", "convnet") == "convnet" and model_name("lenet", "lenet") == "lenet"
+    assert model_name("gpu", "convnet") == "convnet"
     assert model_name("fast", "convnet") == "convnet-fast" and model_name("smoke", "lenet") == "lenet-smoke"
 
 

@@ -23,6 +23,7 @@ DESCRIPTION = """\
 Train the four-class ConvNet (dog, cat, boat, bird), evaluate it, and publish it to the model store.
 
   python -m training train --data ../shared/data/cifar4/train                  # the accurate default, 'convnet'
+  python -m training train --data DATA --extra-data EXTRA --preset gpu       # the shipped convnet (a GPU's run)
   python -m training train --data DATA --preset fast                          # a few minutes, for iteration
   python -m training train --data DATA --preset lenet                         # the classic LeNet layout
   python -m training train --data DATA --epochs 40 --lr 0.1                   # override any hyperparameter
@@ -31,7 +32,7 @@ Train the four-class ConvNet (dog, cat, boat, bird), evaluate it, and publish it
 DATA is a folder with one sub-folder per label (dog/ cat/ boat/ bird/ of images), or CIFAR-10's python
 batches (cifar-10-batches-py; 'ship' is used as 'boat'). Each run writes the next version,
 model_store/<name>/<version>/, with model.onnx, inspect.onnx, metadata.json, metrics.json and plots. <name> is the
-architecture's (convnet, lenet) for the default and lenet presets, and <arch>-<preset> for the others (a fast run
+architecture's (convnet, lenet) for the default, gpu and lenet presets, and <arch>-<preset> for the others (a fast run
 publishes convnet-fast/<n>, never a version of the convnet that serves); --name chooses another.
 """
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--store", type=Path, default=Path("model_store"),
                               help="model store to publish into (default: model_store)")
     train_parser.add_argument("--name", help="model name in the store (default: the architecture's name for the "
-                                             "default and lenet presets, <arch>-<preset> for the others)")
+                                             "default, gpu and lenet presets, <arch>-<preset> for the others)")
     train_parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                               help="a named set of hyperparameters; flags below override it (default: default)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
@@ -80,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+SHIPPED_PRESETS = ("default", "gpu", "lenet")  # the recipes of the served models, which publish under their names
+
+
 def model_name(preset: str, arch: str) -> str:
-    """The store name a run publishes under: the architecture's for the default and lenet presets, a name of its
-    own for any other preset, so a quick run can never become what serves as ``convnet``."""
-    return arch if preset in ("default", arch) else f"{arch}-{preset}"
+    """The store name a run publishes under: the architecture's for the shipped presets, a name of its own for any
+    other preset, so a quick run can never become what serves as ``convnet``."""
+    return arch if preset in SHIPPED_PRESETS else f"{arch}-{preset}"
 
 
 def train_command(args: argparse.Namespace, config: TrainConfig) -> int:

@@ -139,11 +139,13 @@ def choose_domain_rule(own_raw: dict[str, np.ndarray], other_raw: dict[str, np.n
         spread = own_raw[name].std() or 1.0
         slope, offset = 1.0 / spread, -float(np.quantile(own_raw[name], target)) / spread
     rule = DomainRule(name, slope, offset, threshold=0.0)
-    own_scores = rule.apply(own_raw[name])
-    threshold = float(np.quantile(own_scores, target, method="lower"))
-    # in_domain is score >= threshold: the images strictly below it are flagged, at most `target` of them.
-    rule = DomainRule(name, slope, offset, threshold)
-    return rule, aucs
+    return DomainRule(name, slope, offset, own_threshold(rule.apply(own_raw[name]), target)), aucs
+
+
+def own_threshold(own_scores: np.ndarray, target: float = OWN_FLAGGED_TARGET) -> float:
+    """The highest threshold that flags at most ``target`` of the labels' own images: in_domain is
+    score >= threshold, so the images strictly below it are flagged."""
+    return float(np.quantile(own_scores, target, method="lower"))
 
 
 def domain_figures(rule: DomainRule, own_scores: np.ndarray, other_scores: np.ndarray | None,

@@ -17,6 +17,7 @@ import platform
 import shutil
 import tempfile
 import warnings
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -55,6 +56,10 @@ class Classifier(nn.Module):
         self.temperature = temperature
         self.other_head = other_head
         self.rule = rule or DomainRule("energy", 1.0, 0.0, 0.0)
+
+    def with_threshold(self, threshold: float) -> Classifier:
+        return Classifier(self.model, self.tta_flip, self.temperature, self.other_head,
+                          replace(self.rule, threshold=threshold)).eval()
 
     def logits_and_features(self, x: torch.Tensor, stages: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The label logits and the head's input (for the auxiliary rows), flip-averaged when ``tta_flip``."""

@@ -240,7 +240,11 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"].cpu())  # a byte tensor on the CPU, whatever the device
+        stretches = state.get("stretches") or [{"device": self.device.type}]
+        if stretches[-1]["device"] == self.device.type:
+            self.generator.set_state(state["generator"].cpu())  # a byte tensor on the CPU, whatever the device
+        else:  # a CUDA generator's state means nothing to the CPU's: the draws go on from a seed of their own
+            self.generator.manual_seed(self.config.seed + state["epoch"])
         self.history.rows = state["history"]
         self.epochs_done, self.earlier_seconds = state["epoch"], state["seconds"]
         self.earlier_stretches = state.get("stretches", [])

@@ -187,10 +187,19 @@ class VersionMetrics(Body):
     quantization: stored.Quantization | None = Field(description="INT8 against FP32 on validation.")
 
 
+class TrainedStretch(Body):
+    device: str = Field(examples=["cuda"])
+    hardware: str = Field(examples=["NVIDIA H200"])
+    first_epoch: int
+    last_epoch: int
+
+
 class TrainingSummary(Body):
     preset: str | None
     wall_time_s: float | None
     device: str | None
+    trained_on: list[TrainedStretch] | None = Field(
+        None, description="Where each stretch of epochs ran (absent for versions that predate the record)")
 
 
 class LoadedVersion(Body):
