@@ -31,6 +31,7 @@ from torch import nn
 from service.model import CLASSIFY_OUTPUTS as SERVED_OUTPUTS
 from training.calibration import DomainRule
 from training.models import first_conv_weight, keep_first_classes
+from training.train import cpu_name
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -251,20 +252,10 @@ def environment() -> dict:
             versions[package] = None
     # cpu_count: the machine's CPUs, a fact about the hardware like its processor; not service.settings'
     # available_cpus(), which sizes the service's threads to its affinity and quota. Training's share: torch_threads.
-    hardware = {"machine": platform.machine(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+    hardware = {"machine": platform.machine(), "processor": cpu_name(), "cpu_count": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     return {"python": platform.python_version(), "versions": versions, "hardware": hardware}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def utc_now() -> str:

@@ -158,10 +158,7 @@ def save_checkpoint(path: Path, **state) -> None:
     os.replace(staging, path)
 
 
-def hardware_name(device: torch.device) -> str:
-    """The GPU's name, or the processor's, for the record of where each epoch was trained."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -169,6 +166,11 @@ def hardware_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def hardware_name(device: torch.device) -> str:
+    """The GPU's name, or the processor's, for the record of where each epoch was trained."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def changed_settings(saved: dict, config: TrainConfig) -> dict:
