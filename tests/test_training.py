@@ -366,6 +366,38 @@ def test_an_interrupted_run_goes_on_from_its_checkpoint_to_the_same_model(tmp_pa
     assert again["validation"] == straight["validation"]
 
 
+def test_a_checkpoint_from_a_gpu_goes_on_and_exports_on_a_cpu(tmp_path, monkeypatch):
+    tree = write_tree(tmp_path / "data", per_label=8)
+    checkpoint = tmp_path / "run.ckpt"
+
+    def train(*extra: str) -> int:
+        return main(["train", "--data", str(tree), "--store", str(tmp_path / "store"), "--preset", "smoke",
+                     "--epochs", "3", "--val-fraction", "0.25", "--no-progress", "--checkpoint", str(checkpoint),
+                     *extra])
+
+    real_save = training_loop.save_checkpoint
+
+    def save_then_die(path, **state):
+        real_save(path, **state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(training_loop, "save_checkpoint", real_save)
+    # As a CUDA machine writes it: its generator's state is CUDA's (16 bytes), which a CPU generator cannot take.
+    state = torch.load(checkpoint, weights_only=False)
+    state["stretches"][-1].update(device="cuda", hardware="NVIDIA H200")
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, checkpoint)
+    assert train() == 0
+    training = json.loads((tmp_path / "store" / "lenet-smoke" / "1" / "metadata.json").read_text())["training"]
+    assert [(s["device"], s["first_epoch"], s["last_epoch"]) for s in training["trained_on"]] == [
+        ("cuda", 1, 2), ("cpu", 3, 3)]
+    assert training["trained_on"][0]["hardware"] == "NVIDIA H200" and training["device"] == "cuda, cpu"
+
+
 def test_self_distillation_share_rises_over_the_focus_epochs():
     config = TrainConfig(epochs=10, focus_epochs=4, self_distill=0.6)
     shares = [self_distill_share(config, epoch) for epoch in range(1, 11)]
