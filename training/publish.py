@@ -95,6 +95,7 @@ def measure(staging: Path, classifier: Classifier, aucs: dict, release: Release)
         "metrics": metrics,
         "before": before,
         "after": own["probabilities"],
+        "own_domain_scores": own["domain_score"],
         "calibration": {"method": "temperature", "temperature": classifier.temperature,
                         "bins": calibration.ECE_BINS,
                         "before": calibration.figures(before, release.val_labels),
@@ -150,10 +151,10 @@ def export_and_quantize(classifier: Classifier, aucs: dict, staging: Path, prope
     whichever graph serves: when either graph's domain scores (INT8's are a little off FP32's) would flag more than
     the target share of the labels' own validation images, the threshold is lowered to what both meet, and the
     graphs are written again."""
+    save_filters(classifier.model, staging / "filters.npy")
     while True:
         progress("exporting to ONNX and checking parity with PyTorch")
         parity = write_graphs(classifier, staging, release.val_inputs[:PARITY_IMAGES], properties)
-        save_filters(classifier.model, staging / "filters.npy")
         measured = measure(staging, classifier, aucs, release)
         progress("quantizing to INT8 and comparing with FP32")
         quantization = quantize.quantize_and_check(staging / "model.onnx", staging / "model.int8.onnx",
@@ -161,20 +162,20 @@ def export_and_quantize(classifier: Classifier, aucs: dict, staging: Path, prope
                                                    release.val_labels, release.labels)
         if not quantization["accepted"]:
             return classifier, parity, measured, quantization
-        own = {graph: run_graph(staging / graph, release.val_inputs)["domain_score"]
-               for graph in ("model.onnx", "model.int8.onnx")}
+        own = {"FP32": measured["own_domain_scores"],
+               "INT8": run_graph(staging / "model.int8.onnx", release.val_inputs)["domain_score"]}
         threshold = min(calibration.own_threshold(scores) for scores in own.values())
         if threshold >= classifier.rule.threshold:
-            for graph, figures in (("model.onnx", quantization["fp32"]), ("model.int8.onnx", quantization["int8"])):
-                other = (run_graph(staging / graph, release.other_inputs)["domain_score"]
-                         if release.other_inputs is not None else None)
-                domain = calibration.domain_figures(classifier.rule, own[graph], other, aucs)
+            other = (run_graph(staging / "model.int8.onnx", release.other_inputs)["domain_score"]
+                     if release.other_inputs is not None else None)
+            int8 = calibration.domain_figures(classifier.rule, own["INT8"], other, aucs)
+            for figures, domain in ((quantization["fp32"], measured["domain"]), (quantization["int8"], int8)):
                 figures.update(own_flagged=domain["own_flagged"], other_flagged=domain["other_flagged"])
             return classifier, parity, measured, quantization
-        flagged = {graph: float((scores < classifier.rule.threshold).mean()) for graph, scores in own.items()}
-        progress(f"the graphs would flag {flagged['model.onnx']:.1%} (FP32) and {flagged['model.int8.onnx']:.1%} "
-                 f"(INT8) of the labels' own images: lowering the domain threshold from "
-                 f"{classifier.rule.threshold:.4f} to {threshold:.4f}")
+        flagged = {precision: float((scores < classifier.rule.threshold).mean()) for precision, scores in own.items()}
+        progress(f"the graphs would flag {flagged['FP32']:.1%} (FP32) and {flagged['INT8']:.1%} (INT8) of the "
+                 f"labels' own images: lowering the domain threshold from {classifier.rule.threshold:.4f} to "
+                 f"{threshold:.4f}")
         classifier = classifier.with_threshold(threshold)
 
 

@@ -242,14 +242,14 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        stretches = state.get("stretches") or [{"device": self.device.type}]
-        if stretches[-1]["device"] == self.device.type:
+        self.earlier_stretches = state.get("stretches", [])  # absent from checkpoints older than the record
+        saved_on = self.earlier_stretches[-1]["device"] if self.earlier_stretches else self.device.type
+        if saved_on == self.device.type:
             self.generator.set_state(state["generator"].cpu())  # a byte tensor on the CPU, whatever the device
         else:  # a CUDA generator's state means nothing to the CPU's: the draws go on from a seed of their own
             self.generator.manual_seed(self.config.seed + state["epoch"])
         self.history.rows = state["history"]
         self.epochs_done, self.earlier_seconds = state["epoch"], state["seconds"]
-        self.earlier_stretches = state.get("stretches", [])
         self.stretch["first_epoch"] = state["epoch"] + 1
         resumed = {"after_epoch": state["epoch"], "changed": changed_settings(state["config"], self.config)}
         print(f"resuming after epoch {state['epoch']} from {checkpoint}"
