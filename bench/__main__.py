@@ -40,6 +40,7 @@ from bench.inprocess import in_process_worker  # noqa: E402
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
 from service.settings import Settings, available_cpus  # noqa: E402
+from service.verification import cpu  # noqa: E402
 from tests.helpers import GunicornServer, encode, metric_value, pattern  # noqa: E402
 
 SYNC_BASELINE = ("--worker-class", "sync")  # the configuration before the gevent worker, kept as a baseline
@@ -74,6 +75,19 @@ def single_image_latency_ms(folder: Path, precision: str = "int8", repeats: int 
         model.predict(batch)
         timings.append(time.perf_counter() - started)
     return statistics.median(timings) * 1000, model.precision
+
+
+def verification_seconds(folder: Path) -> dict:
+    """What verifying each graph costs at load, one thread (each worker's share), and whether it passed here."""
+    result = {}
+    for precision in ("int8", "fp32"):
+        model = OnnxModel(folder, intra_op_threads=1, precision=precision)
+        model.load()
+        for checked, check in model.verifications.items():
+            result.setdefault(checked, {"seconds": round(check.seconds, 3), "passed": check.passed,
+                                        "accuracy": check.measured["accuracy"],
+                                        "exported_accuracy": check.exported["accuracy"]})
+    return result
 
 
 def latency_by_precision(folder: Path) -> dict:
@@ -115,13 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     wrk = Wrk(work)
     images = bench_images()
     results = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-               "machine": {"cpus": available_cpus(), "processor": platform.processor() or platform.machine(),
-                           "python": platform.python_version()},
+               "machine": {"cpus": available_cpus(), **cpu(), "python": platform.python_version()},
                "model": {"name": args.model, "version": folder.name}, "workers": args.workers,
                "seconds_per_case": args.seconds, "cases": [], "onnx_latency_ms": {}, "inspect": {}}
+    machine = results["machine"]
+    features = ", ".join(name for name, present in (machine["features"] or {}).items() if present) or "unknown"
+    print(f"  this machine: {machine['processor']}, {machine['cpus']} CPUs, features: {features}; ONNX Runtime "
+          f"{machine['onnxruntime']} (every figure below is this machine's)", flush=True)
+    results["verification"] = {}
     for name in sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")):
         results["onnx_latency_ms"][name] = latency_by_precision(latest_version(store, name))
         print(f"  {name}: one image on one thread {results['onnx_latency_ms'][name]} ms", flush=True)
+        results["verification"][name] = verification_seconds(latest_version(store, name))
+        print(f"  {name}: verification at load {results['verification'][name]}", flush=True)
     limits = {label: in_process_limit(folder, payload, args.workers, args.seconds)
               for label, (payload, _) in images.items()}
     for folder in ("served", "baseline", "drain"):
@@ -301,8 +321,11 @@ def sigterm_under_load(work: Path, images, args, drain_seconds: float = 5) -> di
 
 
 def print_table(results: dict) -> None:
+    machine = results["machine"]
+    features = ", ".join(name for name, present in (machine["features"] or {}).items() if present) or "unknown"
     print(f"\n{results['model']['name']} v{results['model']['version']}, {results['workers']} workers, "
-          f"{results['machine']['cpus']} CPUs, {results['seconds_per_case']} s per case\n")
+          f"{machine['cpus']} CPUs ({machine['processor']}; {features}; ONNX Runtime {machine['onnxruntime']}), "
+          f"{results['seconds_per_case']} s per case\n")
     print("| image | connections | req/s | sync baseline req/s | ratio to baseline | p50 ms | p99 ms | "
           "baseline p99 ms | in-process limit img/s | ratio to limit |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -91,6 +91,8 @@ class Files(Strict):
     inspect: StoredFile  # every stage by name, for /v1/inspect
     filters: StoredFile  # first-layer weights (.npy): the service needs no ONNX parser to show them
     model_int8: StoredFile | None = None  # statically quantized classify graph, when it passed its checks
+    # Validation images with each graph's answers at export; the service re-checks the graph it serves with them.
+    verification: StoredFile | None = None
 
 
 class Stage(Strict):
@@ -178,6 +180,9 @@ class PrecisionFigures(Strict):
     # "None of these" through this graph at the shared threshold (None: not measured, or no other-class images).
     own_flagged: Share | None = None
     other_flagged: Share | None = None
+    # What the drift alerts and the calibration figures are for this graph (None: versions exported before these).
+    baselines: Baselines | None = None
+    calibration: CalibrationFigures | None = None
 
 
 class Quantization(Strict):
@@ -191,6 +196,9 @@ class Quantization(Strict):
     fp32: PrecisionFigures
     int8: PrecisionFigures
     problems: list[str] = Field(default_factory=list)
+    # The CPU and ONNX Runtime the checks ran on (service.verification.cpu()): integer kernels differ between CPUs.
+    checked_on: dict | None = None
+    saturation_free: bool | None = None  # no 8-bit product pair can overflow a 16-bit lane (see training/quantize.py)
 
 
 class Metrics(Strict):

@@ -76,6 +76,19 @@ BASELINE = Gauge(f"{PREFIX}_model_baseline", "What validation measured for a mod
                  "mean_confidence, out_of_domain_share, mean_domain_score.", ["model", "version", "quantity"],
                  multiprocess_mode="livemax")
 
+VERIFICATION = Gauge(f"{PREFIX}_model_verification_passed", "1 if the graph of this precision passed verification "
+                     "on this machine at load (in every live worker), 0 if it was refused.",
+                     ["model", "version", "precision"], multiprocess_mode="livemin")
+VERIFICATION_SECONDS = Gauge(f"{PREFIX}_model_verification_seconds", "How long verifying the graph took at load "
+                             "(the slowest live worker).", ["model", "version", "precision"],
+                             multiprocess_mode="livemax")
+
+
+def record_verifications(model: str, version: str, verifications: dict) -> None:
+    for precision, check in verifications.items():
+        VERIFICATION.labels(model, version, precision).set(1 if check.passed else 0)
+        VERIFICATION_SECONDS.labels(model, version, precision).set(check.seconds)
+
 
 def record_baselines(model: str, version: str, baselines) -> None:
     """At load: what validation measured; the out-of-domain counter starts at 0, so rate() sees its first images."""
@@ -98,7 +111,8 @@ def record_answers(model: str, version: str, confidence, domain_score, in_domain
 
 EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, INFERENCE_LATENCY, BATCH_SIZE,
                     PREDICTIONS, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_LOADED, READY, QUEUE_DEPTH, INFERENCE_THREADS,
-                    QUEUE_WAIT, SHED, MODEL_SERVED, AUTH_FAILURES, CONFIDENCE, DOMAIN_SCORE, OUT_OF_DOMAIN, BASELINE]
+                    QUEUE_WAIT, SHED, MODEL_SERVED, AUTH_FAILURES, CONFIDENCE, DOMAIN_SCORE, OUT_OF_DOMAIN, BASELINE,
+                    VERIFICATION, VERIFICATION_SECONDS]
 
 
 def exposition() -> tuple[bytes, str]:

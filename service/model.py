@@ -1,7 +1,8 @@
 """One model version: its typed metadata and ONNX Runtime sessions. ``load()``, ``predict(batch)``, ``ready``.
 
-Classify runs the INT8 graph when the version has one (unless PRECISION=fp32), else ``model.onnx``; ``inspect.onnx``
-(every stage by name, FP32) is opened only on the first inspect request, so classify never pays for it.
+Classify runs the INT8 graph when the version has one (unless PRECISION=fp32) and it passes verification on this
+machine (service.verification), else ``model.onnx``, which must pass it too; ``inspect.onnx`` (every stage by name,
+FP32) is opened only on the first inspect request, so classify never pays for it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
-from service.metadata import MetadataError, ModelMetadata, StoredFile, sha256_of
-from service.preprocessing import InputSpec
+from service import verification
+from service.metadata import Baselines, MetadataError, ModelMetadata, StoredFile, sha256_of
+from service.preprocessing import InputSpec, normalize
+from service.verification import Tolerances, Verification, VerificationSet
 
 
 class ModelLoadError(Exception):
@@ -44,12 +47,17 @@ class Outputs:
 
 
 class OnnxModel:
-    def __init__(self, folder: Path, intra_op_threads: int = 1, precision: str = "int8"):
+    def __init__(self, folder: Path, intra_op_threads: int = 1, precision: str = "int8",
+                 tolerances: Tolerances = Tolerances()):
         self.folder = folder
         self.intra_op_threads = intra_op_threads
         self.wanted_precision = precision
+        self.tolerances = tolerances
         self.metadata: ModelMetadata | None = None
-        self.precision: str | None = None  # what serves: "int8" when wanted and the version has it, else "fp32"
+        self.precision: str | None = None  # what serves: "int8" when wanted, present and verified here, else "fp32"
+        # Each graph checked on this machine, by precision; refusal: why the INT8 graph does not serve here (or None).
+        self.verifications: dict[str, Verification] = {}
+        self.refusal: str | None = None
         self.served_file: StoredFile | None = None
         self.spec: InputSpec | None = None
         self.session: ort.InferenceSession | None = None
@@ -77,16 +85,34 @@ class OnnxModel:
     def input_shape(self) -> list[int]:
         return self.metadata.input.shape
 
+    @property
+    def baselines(self) -> Baselines:
+        """What validation measured through the graph that serves (drift alerts compare with these)."""
+        quantization = self.metadata.metrics.quantization
+        served = getattr(quantization, self.precision, None) if quantization else None
+        return served.baselines if served is not None and served.baselines is not None \
+            else self.metadata.metrics.baselines
+
     def load(self) -> None:
-        """Read and validate metadata, verify the checksum, open the session and warm it up."""
+        """Read and validate metadata, check the checksums, open the graph to serve and verify it on this machine
+        (an INT8 graph that fails gives way to FP32; an FP32 graph that fails fails the version), then warm up."""
         try:
             self.metadata = ModelMetadata.read(self.folder / "metadata.json")
             self.spec = self.metadata.input.preprocessing.spec()
-            int8 = self.metadata.files.model_int8
-            served = int8 if self.wanted_precision == "int8" and int8 is not None else self.metadata.files.model
-            self.precision = "int8" if served is int8 else "fp32"
-            self.served_file = served
-            self.session = self._open(self._verified(served))
+            files = self.metadata.files
+            checks = (VerificationSet.read(self._verified(files.verification).read_bytes())
+                      if files.verification is not None else None)
+            if self.wanted_precision == "int8" and files.model_int8 is not None:
+                self._serve("int8", files.model_int8, checks)
+                if checks is not None and not self.verifications["int8"].passed:
+                    self.refusal = ("the INT8 graph failed verification on this CPU: "
+                                    f"{self.verifications['int8'].summary()}; FP32 serves")
+            if self.precision is None or self.refusal:
+                self._serve("fp32", files.model, checks)
+                failed = self.verifications.get("fp32")
+                if failed is not None and not failed.passed:
+                    raise ModelLoadError(f"the FP32 graph failed verification on this CPU ({failed.summary()}): "
+                                         "this ONNX Runtime build or CPU gives other answers than export measured")
         except (ModelLoadError, MetadataError) as exc:
             raise ModelLoadError(str(exc)) from exc
         except FileNotFoundError as exc:
@@ -95,6 +121,14 @@ class OnnxModel:
             raise ModelLoadError(f"ONNX Runtime could not load the model: {exc}") from exc
         self.predict(np.zeros((1, *self.input_shape[1:]), dtype=np.float32))  # warm-up: first run allocates
         self.ready = True
+
+    def _serve(self, precision: str, stored: StoredFile, checks: VerificationSet | None) -> None:
+        """Open ``stored`` as the graph that serves, and verify it when the version has a verification set."""
+        self.precision, self.served_file = precision, stored
+        self.session = self._open(self._verified(stored))
+        if checks is not None:
+            self.verifications[precision] = verification.verify(
+                precision, self.predict, lambda images: normalize(images, self.spec), checks, self.tolerances)
 
     def predict(self, batch: np.ndarray) -> Outputs:
         """float32 (N, 3, H, W) → calibrated probabilities, domain scores and in-domain flags."""

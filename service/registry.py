@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import metrics
+from service import metrics, verification
 from service.errors import ModelNotFound, ModelUnavailable, NotReady, VersionNotFound
 from service.metadata import ModelMetadata
 from service.model import ModelLoadError, OnnxModel
 from service.settings import Settings
+from service.verification import Tolerances
 
 log = logging.getLogger("convserve")
 
@@ -44,12 +45,14 @@ def version_key(version: str) -> tuple:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, model_factory: Callable[[Path, int, str], OnnxModel] = OnnxModel):
+    def __init__(self, settings: Settings,
+                 model_factory: Callable[[Path, int, str, Tolerances], OnnxModel] = OnnxModel):
         self.store = Path(settings.MODEL_STORE)
         self.default_name = settings.DEFAULT_MODEL
         self.intra_op_threads = settings.ORT_INTRA_OP_THREADS
         self.model_factory = model_factory
         self.precision = settings.PRECISION
+        self.tolerances = Tolerances.of(settings)
         self.pins = settings.version_pins
         self.poll_seconds = settings.MODEL_POLL_SECONDS
         self.models: dict[str, dict[str, OnnxModel]] = {}
@@ -192,7 +195,9 @@ class ModelRegistry:
         served = self.served(name)
         if served is not None:
             metadata = served.metadata
-            description.update(default_version=served.version, precision=served.precision, labels=metadata.labels,
+            description.update(default_version=served.version, precision=served.precision,
+                               precision_reason=served.refusal, verification=describe_verification(served),
+                               labels=metadata.labels,
                                input=metadata.input.model_dump(), outputs=[o.model_dump() for o in metadata.outputs],
                                architecture=metadata.architecture.model_dump(),
                                inspection=_describe_inspection(metadata))
@@ -210,15 +215,15 @@ class ModelRegistry:
             "version": version,
             "state": "ready" if model.ready else "loading",
             "precision": model.precision,
+            "precision_reason": model.refusal,
+            "verification": describe_verification(model),
             "sha256": model.served_file.sha256,
             "created_at": metadata.created_at,
             "labels": metadata.labels,
             "parameters": metadata.architecture.parameters,
             "metrics": {"validation_accuracy": validation.accuracy, "validation_count": validation.count,
                         "per_class": {label: c.model_dump() for label, c in validation.per_class.items()},
-                        "calibration": figures.calibration.model_dump(),
-                        "domain": figures.domain.model_dump(exclude={"candidates"}),
-                        "baselines": figures.baselines.model_dump(),
+                        **served_figures(model),
                         "quantization": figures.quantization.model_dump() if figures.quantization else None},
             "training": {**{key: metadata.training.get(key) for key in ("preset", "wall_time_s", "device")},
                          "trained_on": [{key: stretch[key] for key in STRETCH_KEYS}
@@ -241,7 +246,7 @@ class ModelRegistry:
         version failed with its reason; the loop goes on to the others."""
         name, version = folder.parent.name, folder.name
         try:
-            model = self.model_factory(folder, self.intra_op_threads, self.precision)
+            model = self.model_factory(folder, self.intra_op_threads, self.precision, self.tolerances)
             model.load()
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
@@ -257,9 +262,13 @@ class ModelRegistry:
         self.models = {**self.models, name: {**self.models.get(name, {}), version: model}}
         self.failures = {key: failure for key, failure in self.failures.items() if key != (name, version)}
         metrics.MODEL_INFO.labels(name, version, model.served_file.sha256, model.precision).set(1)
-        metrics.record_baselines(name, version, model.metadata.metrics.baselines)
+        metrics.record_baselines(name, version, model.baselines)
+        metrics.record_verifications(name, version, model.verifications)
         metrics.MODEL_LOADED.labels(name, version).set(1)
-        log.info("loaded model %s version %s from %s", name, version, folder)
+        if model.refusal:
+            log.warning("model %s version %s: %s", name, version, model.refusal)
+        log.info("loaded model %s version %s (%s, %s) from %s", name, version, model.precision,
+                 _verified_words(model), folder)
 
     def _forget(self, name: str, version: str) -> None:
         """The folder is gone: new requests no longer get this version; those holding it finish on it."""
@@ -310,6 +319,36 @@ class ModelRegistry:
             return (f"the default model {self.default_name!r} is pinned to version {self.pins[self.default_name]} "
                     "by MODEL_VERSION_POLICY, which is not loaded")
         return None
+
+
+def describe_verification(model: OnnxModel) -> dict | None:
+    """Each graph checked on this machine: the figures measured here next to export's, and the CPU they are of."""
+    if not model.verifications:
+        return None
+    graphs = {precision: {key: value for key, value in check.describe().items() if key not in ("on", "precision")}
+              for precision, check in model.verifications.items()}
+    return {"on": verification.cpu(), "graphs": graphs}
+
+
+def served_figures(model: OnnxModel) -> dict:
+    """Calibration, "none of these" and drift baselines as measured at export through the graph that serves."""
+    figures = model.metadata.metrics
+    served = getattr(figures.quantization, model.precision, None) if figures.quantization else None
+    calibration, domain = figures.calibration.model_dump(), figures.domain.model_dump(exclude={"candidates"})
+    if served is not None and served.calibration is not None:
+        calibration["after"] = served.calibration.model_dump()
+    if served is not None and served.own_flagged is not None:
+        domain.update(own_flagged=served.own_flagged, other_flagged=served.other_flagged)
+    return {"calibration": calibration, "domain": domain, "baselines": model.baselines.model_dump()}
+
+
+def _verified_words(model: OnnxModel) -> str:
+    check = model.verifications.get(model.precision)
+    if check is None:
+        return "not verified: the version has no verification set"
+    measured, exported = check.measured, check.exported
+    return (f"verified on {check.images} images in {check.seconds * 1000:.0f} ms: accuracy {measured['accuracy']:.2%}"
+            f" (export {exported['accuracy']:.2%}), top-1 agreement {measured['top1_agreement']:.2%}")
 
 
 def _describe_inspection(metadata: ModelMetadata) -> dict:

@@ -82,6 +82,18 @@ def one_of(*choices: str) -> Allowed:
     return Allowed("one of " + ", ".join(choices), accept)
 
 
+def share(note: str = "") -> Allowed:
+    def accept(value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError
+        number = float(value)
+        if not 0.0 <= number <= 1.0:  # NaN fails too
+            raise ValueError
+        return number
+
+    return Allowed(f"a number from 0 to 1{note}", accept)
+
+
 def text(words: str, valid: Callable[[str], bool] = lambda value: True) -> Allowed:
     def accept(value) -> str:
         if not isinstance(value, str) or not valid(value):
@@ -164,6 +176,20 @@ class Settings:
                                               lambda value: _version_pins(value) is not None))
     PRECISION: str = _setting("int8", "which graph serves: the INT8 quantized one when a model has it, or FP32",
                               one_of("int8", "fp32"))
+    # Verification at load (service/verification.py). A graph whose integer arithmetic is exact gives export's answers
+    # to float rounding on any CPU (0 of 256 images change); the saturating U8S8 kernels of CPUs without VNNI moved
+    # 2.3 points of accuracy and 4 of in-domain flags. The tolerances sit between: one image of 256 is 0.39 points.
+    VERIFY_IMAGES: int = _setting(256, "images of each version's verification set that the graph about to serve runs "
+                                       "at load, in every worker (more: a finer check, 1.5 ms each for INT8 convnet)",
+                                  whole(4, 4096))
+    VERIFY_MAX_ACCURACY_DROP: float = _setting(0.005, "a graph whose accuracy on the set is this much below export's "
+                                                      "figure (0.005 = half a point) is refused", share())
+    VERIFY_MAX_AGREEMENT_DROP: float = _setting(0.005, "... or whose top-1 or in-domain agreement with the FP32 "
+                                                       "reference answers is this much below export's", share())
+    VERIFY_MAX_FLAGGED_RISE: float = _setting(0.005, "... or that flags this much more of the labels' own images as "
+                                                     "none of these than at export", share())
+    VERIFY_MAX_PROBABILITY_DIFFERENCE: float = _setting(0.02, "... or whose largest probability difference from the "
+                                                              "FP32 reference grows by more than this", share())
     API_KEYS: str = _setting("", "comma-separated API keys; when set (or API_KEYS_FILE), /v1 and /v2 need one",
                              text("any text: keys separated by commas"), shown="(off)")
     API_KEYS_FILE: str = _setting("", "file of API keys, one per line (# comments); what a Kubernetes Secret mounts",

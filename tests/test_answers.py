@@ -58,10 +58,16 @@ def test_model_description_gives_calibration_domain_and_quantization_figures(cli
     metadata = served_metadata(client, "convnet").metrics
     assert figures["calibration"]["temperature"] == metadata.calibration.temperature
     assert figures["calibration"]["after"]["ece"] <= 0.03 < figures["calibration"]["before"]["ece"]
-    assert figures["domain"] == json.loads(metadata.domain.model_dump_json(exclude={"candidates"}))
+    # Every figure the service publishes is the graph's that serves (INT8 here), not FP32's.
+    assert version["precision"] == "int8"
+    served = metadata.quantization.int8
+    assert figures["domain"] == {**json.loads(metadata.domain.model_dump_json(exclude={"candidates"})),
+                                 "own_flagged": served.own_flagged, "other_flagged": served.other_flagged}
     assert figures["domain"]["own_flagged"] <= 0.05 < figures["domain"]["other_flagged"]
     assert figures["quantization"]["accepted"] and figures["quantization"]["top1_agreement"] >= 0.99
-    assert figures["baselines"] == json.loads(metadata.baselines.model_dump_json())
+    assert figures["baselines"] == json.loads(served.baselines.model_dump_json())
+    assert figures["calibration"]["after"] == json.loads(served.calibration.model_dump_json())
+    assert served.baselines != metadata.baselines, "the INT8 graph's own baselines, not FP32's"
     # The default model was trained on a GPU and exported here: the description says where its epochs ran.
     stretches = version["training"]["trained_on"]
     assert stretches == [{key: s[key] for key in ("device", "hardware", "first_epoch", "last_epoch")}

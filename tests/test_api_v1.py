@@ -89,8 +89,8 @@ def test_octet_stream_is_sniffed(client):
 
 
 def test_versioned_route(client):
-    response = client.post("/v1/models/lenet/versions/2/classify", data=image_bytes(), content_type="image/png")
-    assert response.status_code == 200 and response.get_json()["version"] == "2"
+    response = client.post("/v1/models/lenet/versions/3/classify", data=image_bytes(), content_type="image/png")
+    assert response.status_code == 200 and response.get_json()["version"] == "3"
 
 
 @pytest.mark.parametrize(("query", "expected"), [("top_k=2", 2), ("top_k=4", 4), ("top_k=99", 4), ("top_k=1", 1)])
@@ -156,7 +156,7 @@ def test_models_list(client):
 def test_model_and_version_metadata(client):
     model = client.get("/v1/models/lenet")
     assert model.status_code == 200 and model.get_json()["name"] == "lenet"
-    version = client.get("/v1/models/lenet/versions/2")
+    version = client.get("/v1/models/lenet/versions/3")
     assert version.status_code == 200 and version.get_json()["state"] == "ready"
 
 

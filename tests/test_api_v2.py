@@ -35,17 +35,17 @@ def test_server_and_health(client):
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").get_json() == {"ready": True}
     assert client.get("/v2/models/lenet/ready").get_json() == {"name": "lenet", "ready": True}
-    assert client.get("/v2/models/lenet/versions/2/ready").status_code == 200
+    assert client.get("/v2/models/lenet/versions/3/ready").status_code == 200
 
 
 def test_model_metadata(client):
     body = client.get("/v2/models/lenet").get_json()
-    assert body["name"] == "lenet" and "2" in body["versions"]
+    assert body["name"] == "lenet" and "3" in body["versions"]
     assert body["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
     assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 4]},
                                {"name": "domain_score", "datatype": "FP32", "shape": [-1]},
                                {"name": "in_domain", "datatype": "BOOL", "shape": [-1]}]
-    assert client.get("/v2/models/lenet/versions/2").status_code == 200
+    assert client.get("/v2/models/lenet/versions/3").status_code == 200
 
 
 def test_infer_fp32_json_matches_v1(client, lenet_input):
@@ -63,7 +63,7 @@ def test_infer_fp32_json_matches_v1(client, lenet_input):
     response = client.post("/v2/models/lenet/infer", json=request)
     assert response.status_code == 200
     body = response.get_json()
-    assert body["model_name"] == "lenet" and body["model_version"] == "2" and body["id"] == "r1"
+    assert body["model_name"] == "lenet" and body["model_version"] == "3" and body["id"] == "r1"
     output, score, in_domain = body["outputs"]
     assert output["name"] == "probabilities" and output["datatype"] == "FP32" and output["shape"] == [2, 4]
     np.testing.assert_allclose(np.array(output["data"]).reshape(2, 4), classify_v1(client, (1, 2)), atol=1e-6)
@@ -95,7 +95,7 @@ def test_infer_nested_data_is_accepted(client, lenet_input):
     request = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": lenet_input[:1].tolist()}]
     }
-    assert client.post("/v2/models/lenet/versions/2/infer", json=request).status_code == 200
+    assert client.post("/v2/models/lenet/versions/3/infer", json=request).status_code == 200
 
 
 def test_infer_bytes_base64(client):

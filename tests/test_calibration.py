@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.metadata import ModelMetadata
+from service.metadata import ModelMetadata, sha256_of
 from service.model import OnnxModel
+from service.verification import VerificationSet
 from tests.test_training import write_tree
 from training import calibration, quantize
 from training.__main__ import main
@@ -173,6 +174,10 @@ def test_precision_setting_chooses_the_graph(small_run, tmp_path):
         shutil.copy(folder / "model.onnx", folder / "model.int8.onnx")
         digest = hashlib.sha256((folder / "model.int8.onnx").read_bytes()).hexdigest()
         metadata["files"]["model_int8"] = {"path": "model.int8.onnx", "sha256": digest}
+        checks = VerificationSet.read((folder / "verification.npz").read_bytes())  # ... and its answers too
+        VerificationSet(checks.images, checks.labels, {**checks.answers, "int8": checks.answers["fp32"]}).write(
+            folder / "verification.npz")
+        metadata["files"]["verification"]["sha256"] = sha256_of(folder / "verification.npz")
         (folder / "metadata.json").write_text(json.dumps(metadata))
     served = {}
     for precision in ("int8", "fp32"):

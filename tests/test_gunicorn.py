@@ -35,7 +35,7 @@ def v1_probabilities(server, model, payloads):
 def test_tritonclient_live_ready_metadata_infer(server):
     client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("convnet") and client.is_model_ready("lenet", "2")
+    assert client.is_model_ready("convnet") and client.is_model_ready("lenet", "3")
     assert client.get_server_metadata()["name"] == "convserve"
     metadata = client.get_model_metadata("lenet")
     assert metadata["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}

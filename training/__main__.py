@@ -40,7 +40,7 @@ publishes convnet-fast/<n>, never a version of the convnet that serves); --name 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,requantize}")
     train_parser = commands.add_parser("train", help="train, evaluate, export and publish a model")
     train_parser.add_argument("--data", required=True, type=Path, help="labelled images (folder tree or CIFAR batches)")
     train_parser.add_argument("--extra-data", type=Path, help="images of other classes, learned as auxiliary outputs")
@@ -70,11 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     evaluate_parser.add_argument("--plot", type=Path, help="write the confusion matrix PNG here")
     evaluate_parser.add_argument("--precision", choices=["int8", "fp32"], default="int8",
                                  help="which graph to measure when the version has both (default: int8, as served)")
+    requantize_parser = commands.add_parser(
+        "requantize", help="publish a version's FP32 graphs again with a new INT8 graph and verification set")
+    requantize_parser.add_argument("model_dir", type=Path, help="a version folder, e.g. model_store/convnet/6")
+    requantize_parser.add_argument("--data", required=True, type=Path, help="the labelled images it was trained on")
+    requantize_parser.add_argument("--extra-data", type=Path, help="the other classes' images it was trained with")
+    requantize_parser.add_argument("--store", type=Path, default=Path("model_store"),
+                                   help="model store to publish into (default: model_store)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             overrides = {name: getattr(args, name) for name in field_help()}
             return train_command(args, from_preset(args.preset, **overrides))
+        if args.command == "requantize":
+            return requantize_command(args)
         return evaluate_command(args)
     except (DataError, ParityError, FileExistsError, ModelLoadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -129,7 +138,7 @@ def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
     chosen = np.random.default_rng(config.seed).choice(
         product_train, min(quantize.CALIBRATION_IMAGES, len(product_train)), replace=False)
     release = Release(
-        name=name, labels=labels, spec=spec, val_inputs=val_inputs, val_labels=val.labels,
+        name=name, labels=labels, spec=spec, val_images=val.images, val_inputs=val_inputs, val_labels=val.labels,
         other_inputs=normalize(other_val.images, spec) if other_val is not None else None,
         calibration_inputs=train_inputs[np.sort(chosen)],
         record=release_record(config, args.preset, run_info, round(time.perf_counter() - started, 1), summary,
@@ -146,6 +155,35 @@ def train_command(args: argparse.Namespace, config: TrainConfig) -> int:
           + (f"INT8 {int8.int8.accuracy:.2%} ({int8.int8.latency_ms:.2f} vs {int8.fp32.latency_ms:.2f} ms)"
              if int8.accepted else f"INT8 refused: {'; '.join(int8.problems)}")
           + f"; training {run_info['wall_time_s']:.0f} s")
+    return 0
+
+
+def requantize_command(args: argparse.Namespace) -> int:
+    """The validation split, other classes and calibration images exactly as the version's training run drew them
+    (its recorded seed and share), then ``training.publish.requantize``."""
+    from service.metadata import ModelMetadata
+    from training import quantize
+    from training.publish import Release, requantize
+
+    metadata = ModelMetadata.read(args.model_dir / "metadata.json")
+    spec, labels, recorded = metadata.input.preprocessing.spec(), metadata.labels, metadata.data
+    seed, share = recorded["split_seed"], recorded["val_fraction"]
+    train_part, val = data.split(data.load(args.data, tuple(labels), spec=spec), share, seed)
+    other = None
+    if args.extra_data:
+        other = data.split(data.load(args.extra_data, None, spec=spec), share, seed)[1]
+    chosen = np.random.default_rng(seed).choice(len(train_part.labels), min(quantize.CALIBRATION_IMAGES,
+                                                                            len(train_part.labels)), replace=False)
+    release = Release(name=metadata.name, labels=labels, spec=spec, val_images=val.images,
+                      val_inputs=normalize(val.images, spec), val_labels=val.labels,
+                      other_inputs=normalize(other.images, spec) if other is not None else None,
+                      calibration_inputs=normalize(train_part.images[np.sort(chosen)], spec))
+    target, published = requantize(args.model_dir, release, args.store)
+    checks = published.metrics.quantization
+    print(f"published {target}: " + (f"INT8 {checks.int8.accuracy:.2%} (FP32 {checks.fp32.accuracy:.2%}), "
+                                     f"{checks.int8.latency_ms:.2f} vs {checks.fp32.latency_ms:.2f} ms, "
+                                     f"recipe {checks.method}" if checks.accepted
+                                     else f"INT8 refused: {'; '.join(checks.problems)}"))
     return 0
 
 

@@ -6,6 +6,7 @@ quantize, measure what ships, plot, write the typed metadata, and publish atomic
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.metadata import Files, ModelMetadata, Preprocessing, StoredFile
+from service.metadata import Files, ModelMetadata, Preprocessing, Quantization, StoredFile
 from service.preprocessing import InputSpec
+from service.verification import Answers, VerificationSet, choose
 from training import calibration, quantize
 from training.evaluate import classification_metrics, plot_confusion, plot_curves
 from training.export import (
@@ -35,6 +37,7 @@ from training.export import (
 from training.models import parameter_count
 
 PARITY_IMAGES = 256
+VERIFICATION_PER_LABEL = 128  # 512 images for four labels: the service runs a prefix of them (VERIFY_IMAGES)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Release:
     name: str
     labels: list[str]
     spec: InputSpec
+    val_images: np.ndarray  # uint8 (N, H, W, 3), as decoded: the verification set is drawn from them
     val_inputs: np.ndarray
     val_labels: np.ndarray
     other_inputs: np.ndarray | None  # held-out images of other classes, or None without --extra-data
@@ -101,10 +105,35 @@ def measure(staging: Path, classifier: Classifier, aucs: dict, release: Release)
                         "before": calibration.figures(before, release.val_labels),
                         "after": calibration.figures(own["probabilities"], release.val_labels)},
         "domain": domain,
-        "baselines": {"mean_confidence": float(own["probabilities"].max(1).mean()),
-                      "out_of_domain_share": float((~own["in_domain"]).mean()),
-                      "mean_domain_score": float(own["domain_score"].mean())},
+        "baselines": baselines(own),
     }
+
+
+def baselines(own: dict[str, np.ndarray]) -> dict:
+    """What a graph's answers on the labels' own validation images look like, for drift alerts."""
+    return {"mean_confidence": float(own["probabilities"].max(1).mean()),
+            "out_of_domain_share": float((~own["in_domain"]).mean()),
+            "mean_domain_score": float(own["domain_score"].mean())}
+
+
+def served_figures(path: Path, release: Release) -> dict:
+    """The figures the service publishes for a graph, measured through that graph: "none of these" at the threshold
+    in the graph, the drift baselines and calibration."""
+    own = run_graph(path, release.val_inputs)
+    other = run_graph(path, release.other_inputs)["in_domain"] if release.other_inputs is not None else None
+    return {"own_flagged": float((~own["in_domain"]).mean()),
+            "other_flagged": None if other is None else float((~other).mean()),
+            "baselines": baselines(own), "calibration": calibration.figures(own["probabilities"], release.val_labels)}
+
+
+def write_verification_set(staging: Path, release: Release, int8: bool) -> None:
+    """verification.npz: validation images, stratified and interleaved, with each graph's answers on them."""
+    index = choose(release.val_labels, len(release.labels), VERIFICATION_PER_LABEL)
+    answers = {}
+    for precision, name in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))[:2 if int8 else 1]:
+        outputs = run_graph(staging / name, release.val_inputs[index])
+        answers[precision] = Answers(outputs["probabilities"], outputs["domain_score"], outputs["in_domain"])
+    VerificationSet(release.val_images[index], release.val_labels[index], answers).write(staging / "verification.npz")
 
 
 def plot_all(staging: Path, measured: dict, history: list[dict], release: Release, title: str) -> None:
@@ -131,7 +160,8 @@ def build_metadata(staging: Path, version: int, classifier: Classifier, measured
                  {"name": "logits", "dtype": "float32", "shape": [-1, len(labels)]}],
         files=Files(model=StoredFile.of(staging, "model.onnx"), inspect=StoredFile.of(staging, "inspect.onnx"),
                     filters=StoredFile.of(staging, "filters.npy"),
-                    model_int8=StoredFile.of(staging, "model.int8.onnx") if quantization["accepted"] else None),
+                    model_int8=StoredFile.of(staging, "model.int8.onnx") if quantization["accepted"] else None,
+                    verification=StoredFile.of(staging, "verification.npz")),
         inspection={"stages": stages, "class_maps": "class_maps" if classifier.model.cam_stage else None,
                     "cam_stage": classifier.model.cam_stage,
                     "first_conv": next(s["name"] for s in stages if s["kind"] == "conv")},
@@ -159,18 +189,15 @@ def export_and_quantize(classifier: Classifier, aucs: dict, staging: Path, prope
         progress("quantizing to INT8 and comparing with FP32")
         quantization = quantize.quantize_and_check(staging / "model.onnx", staging / "model.int8.onnx",
                                                    release.calibration_inputs, release.val_inputs,
-                                                   release.val_labels, release.labels)
+                                                   release.val_labels, release.labels, progress)
         if not quantization["accepted"]:
             return classifier, parity, measured, quantization
         own = {"FP32": measured["own_domain_scores"],
                "INT8": run_graph(staging / "model.int8.onnx", release.val_inputs)["domain_score"]}
         threshold = min(calibration.own_threshold(scores) for scores in own.values())
         if threshold >= classifier.rule.threshold:
-            other = (run_graph(staging / "model.int8.onnx", release.other_inputs)["domain_score"]
-                     if release.other_inputs is not None else None)
-            int8 = calibration.domain_figures(classifier.rule, own["INT8"], other, aucs)
-            for figures, domain in ((quantization["fp32"], measured["domain"]), (quantization["int8"], int8)):
-                figures.update(own_flagged=domain["own_flagged"], other_flagged=domain["other_flagged"])
+            for precision, name in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+                quantization[precision].update(served_figures(staging / name, release))
             return classifier, parity, measured, quantization
         flagged = {precision: float((scores < classifier.rule.threshold).mean()) for precision, scores in own.items()}
         progress(f"the graphs would flag {flagged['FP32']:.1%} (FP32) and {flagged['INT8']:.1%} (INT8) of the "
@@ -191,6 +218,7 @@ def publish_model(model: nn.Module, tta_flip: bool, history: list[dict], release
         properties = {"labels": json.dumps(release.labels), "name": release.name, "version": str(version)}
         classifier, parity, measured, quantization = export_and_quantize(classifier, aucs, staging, properties,
                                                                           release, progress)
+        write_verification_set(staging, release, quantization["accepted"])
         plot_all(staging, measured, history, release, title)
         (staging / "metrics.json").write_text(json.dumps({"validation": measured["metrics"], "history": history},
                                                          indent=2) + "\n")
@@ -212,3 +240,64 @@ def release_record(config, preset: str, run_info: dict, total_wall_time_s: float
                      "total_wall_time_s": total_wall_time_s, "exported_on": environment()},
         "data": summary,
     }
+
+
+COPIED_FILES = ("model.onnx", "inspect.onnx", "filters.npy", "metrics.json", "confusion_matrix.png",
+                "training_curves.png", "reliability.png")
+
+
+def requantize(source: Path, release: Release, store: Path, progress=print) -> tuple[Path, ModelMetadata]:
+    """Publish the next version of ``source``'s model from its FP32 graphs, unchanged, with the INT8 graph
+    quantized anew (every recipe measured here), a verification set, and each precision's figures; no training.
+    Refuses when the FP32 graph does not reproduce the version's validation accuracy (other data, or another
+    split)."""
+    import onnx
+
+    metadata = ModelMetadata.read(source / "metadata.json")
+    version = next_version(store, metadata.name)
+    staging = staging_folder(store, metadata.name)
+    try:
+        for name in COPIED_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staging / name)
+        for name in ("model.onnx", "inspect.onnx"):  # the files say which version they are
+            proto = onnx.load(str(staging / name))
+            for entry in proto.metadata_props:
+                if entry.key == "version":
+                    entry.value = str(version)
+            onnx.save(proto, str(staging / name))
+        fp32 = run_graph(staging / "model.onnx", release.val_inputs)
+        accuracy = float((fp32["probabilities"].argmax(1) == release.val_labels).mean())
+        if abs(accuracy - metadata.metrics.validation.accuracy) > 1e-9:
+            raise ValueError(f"the FP32 graph scores {accuracy:.2%} on this validation split, the metadata says "
+                             f"{metadata.metrics.validation.accuracy:.2%}: pass the data it was trained on")
+        progress(f"requantizing {metadata.name} v{metadata.version} as v{version}: every INT8 recipe, measured here")
+        quantization = quantize.quantize_and_check(staging / "model.onnx", staging / "model.int8.onnx",
+                                                   release.calibration_inputs, release.val_inputs,
+                                                   release.val_labels, release.labels, progress)
+        quantization["fp32"].update(served_figures(staging / "model.onnx", release))
+        if quantization["accepted"]:
+            quantization["int8"].update(served_figures(staging / "model.int8.onnx", release))
+            target = metadata.metrics.domain.target_own_flagged
+            if quantization["int8"]["own_flagged"] > target:  # the threshold is in both graphs: re-export to move it
+                quantization.update(accepted=False, problems=[
+                    f"flags {quantization['int8']['own_flagged']:.2%} of the labels' own images at the FP32 graph's "
+                    f"threshold (at most {target:.0%}): export from the checkpoint to lower it"])
+                (staging / "model.int8.onnx").unlink()
+        write_verification_set(staging, release, quantization["accepted"])
+        files = Files(model=StoredFile.of(staging, "model.onnx"), inspect=StoredFile.of(staging, "inspect.onnx"),
+                      filters=StoredFile.of(staging, "filters.npy"),
+                      model_int8=StoredFile.of(staging, "model.int8.onnx") if quantization["accepted"] else None,
+                      verification=StoredFile.of(staging, "verification.npz"))
+        training = {**metadata.training,
+                    "requantized": {"from_version": metadata.version, "at": utc_now(), "on": environment()}}
+        republished = metadata.model_copy(update={
+            "version": str(version), "created_at": utc_now(), "files": files, "training": training,
+            "metrics": metadata.metrics.model_copy(update={"quantization": Quantization.model_validate(
+                quantization)})})
+        republished = ModelMetadata.model_validate(republished.model_dump())
+        republished.write(staging / "metadata.json")
+        return publish(staging, store, metadata.name, version), republished
+    except BaseException:
+        discard(staging)
+        raise

@@ -202,10 +202,45 @@ class TrainingSummary(Body):
         None, description="Where each stretch of epochs ran (absent for versions that predate the record)")
 
 
+class VerificationFigures(Body):
+    accuracy: float
+    top1_agreement: float = Field(description="Share of the set on which the graph's top-1 is the FP32 reference's.")
+    in_domain_agreement: float = Field(description="Share on which in_domain equals the FP32 reference's.")
+    own_flagged: float = Field(description="Share of the labels' own images answered in_domain=false.")
+    max_probability_difference: float = Field(description="Largest difference from an FP32 reference probability.")
+
+
+class GraphVerification(Body):
+    passed: bool
+    images: int = Field(description="Images of the verification set run (VERIFY_IMAGES).")
+    measured: VerificationFigures = Field(description="On this machine, now.")
+    exported: VerificationFigures = Field(description="The same figures from the answers export recorded.")
+    problems: list[str] = Field(description="Why the graph was refused (empty when it passed).")
+    seconds: float
+
+
+class Machine(Body):
+    processor: str
+    machine: str
+    features: dict[str, bool] | None = Field(description="Instruction-set features that decide ONNX Runtime's "
+                                                         "kernels (null when unknown).")
+    onnxruntime: str
+
+
+class VersionVerification(Body):
+    """Each graph this worker checked at load, and the machine it ran on."""
+
+    on: Machine
+    graphs: dict[str, GraphVerification] = Field(description="precision → its check.")
+
+
 class LoadedVersion(Body):
     version: str = Field(examples=["1"])
     state: Literal["ready", "loading"]
     precision: Precision
+    precision_reason: str | None = Field(description="Why FP32 serves although INT8 was wanted (the INT8 graph "
+                                                     "failed verification here); null otherwise.")
+    verification: VersionVerification | None = Field(description="null when the version has no verification set.")
     sha256: str | None = Field(description="SHA-256 of the classify graph that serves.")
     created_at: str | None
     labels: list[str]
@@ -259,6 +294,9 @@ class ModelDescription(Body):
                                                     "is loaded.")
     versions: list[VersionDescription] = Field(description="Every version in the store, in version order.")
     precision: Precision = Field(None)
+    precision_reason: str | None = Field(None, description="Why FP32 serves although INT8 was wanted.")
+    verification: VersionVerification | None = Field(None, description="The served version's checks on this "
+                                                                       "machine.")
     labels: list[str] = Field(None)
     input: ModelInput = Field(None)
     outputs: list[ModelOutput] = Field(None)
@@ -304,6 +342,9 @@ class TensorMetadata(Body):
 class ModelMetadataParameters(Body):
     labels: list[str] = Field(description="The label of each column of `probabilities`.")
     alternative_input: TensorMetadata = Field(description="The other input: BYTES [-1], one encoded image each.")
+    precision: Precision
+    precision_reason: str | None = Field(description="Why FP32 serves although INT8 was wanted; null otherwise.")
+    verification: VersionVerification | None = Field(description="The graph's checks on this machine.")
 
 
 class ModelMetadata(Body):

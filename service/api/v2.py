@@ -17,6 +17,7 @@ from service.api.schemas import InferenceResponse, ModelMetadata, ModelReady, Se
 from service.errors import InvalidJSON, NotReady
 from service.inputs import parse_json
 from service.oip import ENCODED_INPUT, output_metadata
+from service.registry import describe_verification
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -60,7 +61,9 @@ def model_metadata(name: str, version: str | None = None):
         inputs=[{"name": model.input_name, "datatype": "FP32", "shape": model.input_shape}],
         outputs=output_metadata(model),
         parameters={"labels": model.labels, "alternative_input": {"name": ENCODED_INPUT, "datatype": "BYTES",
-                                                                  "shape": [-1]}},
+                                                                  "shape": [-1]},
+                    "precision": model.precision, "precision_reason": model.refusal,
+                    "verification": describe_verification(model)},
     ))
 
 

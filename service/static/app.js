@@ -252,7 +252,16 @@ function describeModel() {
   const facts = [`version ${model.default_version}`];
   if (architecture.parameters) facts.push(`${architecture.parameters.toLocaleString("en")} parameters`);
   if (accuracy !== null && accuracy !== undefined) facts.push(`${(accuracy * 100).toFixed(1)} % validation accuracy`);
+  const checked = model.verification && model.verification.graphs[model.precision];
+  if (model.precision) {
+    facts.push(`${model.precision.toUpperCase()} graph` + (checked && checked.passed
+      ? `, verified on this server's CPU (${(checked.measured.accuracy * 100).toFixed(1)} % on its check images)`
+      : ""));
+  }
   info.replaceChildren(h("span", { class: "facts" }, facts.join(" · ")),
+    model.precision_reason
+      ? h("span", { class: "refused", id: "precision-reason", role: "note" }, `FP32 serves: ${model.precision_reason}`)
+      : null,
     architecture.description ? h("span", { class: "arch" }, architecture.description) : null);
 }
 
