@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                  help="which graph to measure when the version has both (default: int8, as served)")
     requantize_parser = commands.add_parser(
         "requantize", help="publish a version's FP32 graphs again with a new INT8 graph and verification set")
-    requantize_parser.add_argument("model_dir", type=Path, help="a version folder, e.g. model_store/convnet/6")
+    requantize_parser.add_argument("model_dir", type=Path, help="a version folder, e.g. model_store/convnet/7")
     requantize_parser.add_argument("--data", required=True, type=Path, help="the labelled images it was trained on")
     requantize_parser.add_argument("--extra-data", type=Path, help="the other classes' images it was trained with")
     requantize_parser.add_argument("--store", type=Path, default=Path("model_store"),
