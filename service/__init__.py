@@ -51,9 +51,9 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.json.sort_keys = False
     registry = registry or ModelRegistry(settings)
     queue = InferenceQueue(settings.inference_threads, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT,
-                           settings.BATCH_IMAGES, settings.BODY_BUFFER_BYTES)
+                           settings.BATCH_IMAGES, settings.BODY_BUFFER_BYTES, settings.INFERENCE_WATCHDOG_SECONDS)
     app.extensions["convserve"] = AppState(settings, registry, InferencePipeline(settings, queue),
-                                           ApiKeys(load_keys(settings)))
+                                           ApiKeys(load_keys(settings), watching=settings))
     register_api(app, settings)
     if load_models:
         registry.start_loading()

@@ -17,6 +17,7 @@ class ServiceError(Exception):
 
     status = 500
     code = "internal"
+    retry_after: int | None = None  # seconds, sent as Retry-After: every 503 has one
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -104,6 +105,7 @@ class UnsupportedMediaType(ServiceError):
 class NotReady(ServiceError):
     status = 503
     code = "not_ready"
+    retry_after = 1
 
 
 class ModelUnavailable(NotReady):
@@ -119,6 +121,27 @@ class RequestTimeout(ServiceError):
     code = "request_timeout"
 
 
+class StoreUnavailable(NotReady):
+    """The model store cannot be read right now (moved, unmounted, unreadable): what it holds is unknown, so a model
+    not loaded here is not said to be missing."""
+
+    code = "store_unavailable"
+
+
+class MetricsUnavailable(NotReady):
+    """GET /metrics only: the multiprocess metrics folder is gone or unreadable."""
+
+    code = "metrics_unavailable"
+
+
+class WorkerUnhealthy(ServiceError):
+    """An inference outran INFERENCE_WATCHDOG_SECONDS: this worker is being replaced; another one will answer."""
+
+    status = 503
+    code = "worker_unhealthy"
+    retry_after = 1
+
+
 # The WSGI environ key through which a shed request asks the worker (service/worker.py) to pause before reading the
 # connection's next request: SHED_BACKOFF seconds.
 BACKOFF_ENVIRON_KEY = "convserve.backoff"
@@ -130,7 +153,8 @@ class Overloaded(ServiceError):
     status = 503
     code = "overloaded"
 
-    def __init__(self, message: str, reason: str, retry_after: int = 1):
+    retry_after = 1
+
+    def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
-        self.retry_after = retry_after

@@ -53,6 +53,7 @@ control_socket_disable = True
 
 
 _created_metrics_folder: list[str] = []
+_metrics_folder: list[str] = []
 
 
 def on_starting(server):
@@ -71,6 +72,7 @@ def on_starting(server):
         stop([f"convserve: PROMETHEUS_MULTIPROC_DIR={shlex.quote(folder)} is not usable: a folder this user can "
               f"create and empty ({exc.strerror})"])
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # for prometheus_client in the workers, which reads it itself
+    _metrics_folder[:] = [folder]
     server.log.info("metrics folder %s", folder)
 
 
@@ -84,9 +86,11 @@ def post_worker_init(worker):
 
 
 def child_exit(server, worker):
-    from prometheus_client import multiprocess
+    """The exited worker's live gauges go; its counters and histograms join the folder's archive (its size stays
+    bounded however many workers have lived: service/metrics_files.py)."""
+    from service import metrics_files
 
-    multiprocess.mark_process_dead(worker.pid)
+    metrics_files.compact(_metrics_folder[0], worker.pid)
 
 
 def on_exit(server):

@@ -94,6 +94,11 @@ class Files(Strict):
     # Validation images with each graph's answers at export; the service re-checks the graph it serves with them.
     verification: StoredFile | None = None
 
+    def stored(self) -> list[StoredFile]:
+        """Every file the version names, with its checksum."""
+        return [stored for stored in (getattr(self, name) for name in type(self).model_fields)
+                if isinstance(stored, StoredFile)]
+
 
 class Stage(Strict):
     name: str

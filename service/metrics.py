@@ -1,22 +1,23 @@
 """The Prometheus metrics, created once at import. Few labels: route templates, never raw paths.
 
 With several gunicorn workers, prometheus_client's multiprocess mode aggregates them (the gunicorn config sets
-PROMETHEUS_MULTIPROC_DIR before workers start and marks dead workers).
+PROMETHEUS_MULTIPROC_DIR before workers start and compacts dead workers' files); service/metrics_files.py makes that
+folder safe: a full, read-only or deleted folder never fails a request.
 """
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+import logging
+import os
 
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from service import metrics_files
+from service.errors import MetricsUnavailable
 from service.settings import Settings
+
+metrics_files.install()  # before the first metric is made
+log = logging.getLogger("convserve")
 
 PREFIX = "convserve"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -83,6 +84,21 @@ VERIFICATION_SECONDS = Gauge(f"{PREFIX}_model_verification_seconds", "How long v
                              "(the slowest live worker).", ["model", "version", "precision"],
                              multiprocess_mode="livemax")
 
+STORE_ERROR_REASONS = ("unreadable", "changed")
+STORE_ERRORS = Counter(f"{PREFIX}_model_store_errors_total", "Model store faults seen by a scan: the store root "
+                       "missing, unreadable or suddenly empty (unreadable), or a loaded version's files changed on "
+                       "disk (changed). Loaded versions keep serving.", ["reason"])
+for _reason in STORE_ERROR_REASONS:
+    STORE_ERRORS.labels(_reason)
+STORE_OK = Gauge(f"{PREFIX}_model_store_ok", "1 when the last scan of the model store could read it (in every live "
+                 "worker), 0 while it cannot.", multiprocess_mode="livemin")
+WATCHDOG_TRIPS = Counter(f"{PREFIX}_watchdog_trips_total", "Inferences that outran INFERENCE_WATCHDOG_SECONDS: each "
+                         "took its worker out of service to be replaced.")
+API_KEY_RELOADS = Counter(f"{PREFIX}_api_key_reloads_total", "Times a changed API_KEYS_FILE was re-read, by result "
+                          "(failed: unreadable or no key; the keys before stay in force).", ["result"])
+for _result in ("ok", "failed"):
+    API_KEY_RELOADS.labels(_result)
+
 
 def record_verifications(model: str, version: str, verifications: dict) -> None:
     for precision, check in verifications.items():
@@ -112,16 +128,25 @@ def record_answers(model: str, version: str, confidence, domain_score, in_domain
 EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, INFERENCE_LATENCY, BATCH_SIZE,
                     PREDICTIONS, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_LOADED, READY, QUEUE_DEPTH, INFERENCE_THREADS,
                     QUEUE_WAIT, SHED, MODEL_SERVED, AUTH_FAILURES, CONFIDENCE, DOMAIN_SCORE, OUT_OF_DOMAIN, BASELINE,
-                    VERIFICATION, VERIFICATION_SECONDS]
+                    VERIFICATION, VERIFICATION_SECONDS, STORE_ERRORS, STORE_OK, WATCHDOG_TRIPS, API_KEY_RELOADS]
+
+# The mode prometheus_client took at import, from the same variable (the gunicorn config sets it before workers).
+MULTIPROCESS_FOLDER = Settings.from_env().PROMETHEUS_MULTIPROC_DIR
 
 
 def exposition() -> tuple[bytes, str]:
-    """The text exposition: aggregated over workers in multiprocess mode, this process's otherwise. The mode is the
-    one prometheus_client took at import, from the same variable (the gunicorn config sets it)."""
-    if Settings.from_env().PROMETHEUS_MULTIPROC_DIR:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
+    """The text exposition: aggregated over workers in multiprocess mode, this process's otherwise. A folder that is
+    gone or unreadable answers 503 (Prometheus then shows the target down), never a partial or empty 200."""
+    if not MULTIPROCESS_FOLDER:
+        from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    if not os.path.isdir(MULTIPROCESS_FOLDER):
+        raise MetricsUnavailable("The metrics folder (PROMETHEUS_MULTIPROC_DIR) is gone: this replica's metrics are "
+                                 "lost; classification goes on. Restart the pod to get metrics back.")
+    try:
+        return metrics_files.collect(MULTIPROCESS_FOLDER), CONTENT_TYPE_LATEST
+    except (OSError, RuntimeError, ValueError) as error:  # a file that cannot be read or is corrupt
+        log.error("metrics: reading the metrics folder failed: %s: %s", type(error).__name__, error)
+        raise MetricsUnavailable("The metrics folder (PROMETHEUS_MULTIPROC_DIR) could not be read; the server log "
+                                 "has the details.") from None

@@ -2,7 +2,9 @@
 
 Classify runs the INT8 graph when the version has one (unless PRECISION=fp32) and it passes verification on this
 machine (service.verification), else ``model.onnx``, which must pass it too; ``inspect.onnx`` (every stage by name,
-FP32) is opened only on the first inspect request, so classify never pays for it.
+FP32) is opened only on the first inspect request, so classify never pays for it; if the store cannot give it then
+(a blink, a changed file), that request gets 503 store_unavailable and classify goes on. Nothing else is read from
+the store after load.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
 from service import verification
+from service.errors import StoreUnavailable
 from service.metadata import Baselines, MetadataError, ModelMetadata, StoredFile, sha256_of
 from service.preprocessing import InputSpec, normalize
 from service.verification import Tolerances, Verification, VerificationSet
@@ -62,6 +65,7 @@ class OnnxModel:
         self.spec: InputSpec | None = None
         self.session: ort.InferenceSession | None = None
         self._inspect_session: ort.InferenceSession | None = None
+        self._filters: np.ndarray | None = None
         self._inspect_lock = threading.Lock()
         self.ready = False
 
@@ -102,6 +106,7 @@ class OnnxModel:
             files = self.metadata.files
             checks = (VerificationSet.read(self._verified(files.verification).read_bytes())
                       if files.verification is not None else None)
+            self._filters = np.load(io.BytesIO(self._verified(files.filters).read_bytes()), allow_pickle=False)
             if self.wanted_precision == "int8" and files.model_int8 is not None:
                 self._serve("int8", files.model_int8, checks)
                 if checks is not None and not self.verifications["int8"].passed:
@@ -138,13 +143,19 @@ class OnnxModel:
         """Every stage's output by name (plus probabilities and class_maps when the model has them); FP32."""
         with self._inspect_lock:
             if self._inspect_session is None:
-                self._inspect_session = self._open(self._verified(self.metadata.files.inspect))
+                try:
+                    self._inspect_session = self._open(self._verified(self.metadata.files.inspect))
+                except (OSError, ModelLoadError) as exc:
+                    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                    raise StoreUnavailable(f"The inspection graph of {self.name} v{self.version} cannot be read from "
+                                           f"the model store now ({detail}); classify still serves. Retry in a "
+                                           "moment; if it persists, check the store.") from None
         names = [output.name for output in self._inspect_session.get_outputs()]
         return dict(zip(names, self._inspect_session.run(names, {self.input_name: batch})))
 
     def first_conv_filters(self) -> np.ndarray:
-        """The first convolution's weights (out, in, kh, kw), saved at export."""
-        return np.load(io.BytesIO(self._verified(self.metadata.files.filters).read_bytes()), allow_pickle=False)
+        """The first convolution's weights (out, in, kh, kw), saved at export and read at load."""
+        return self._filters
 
     def _verified(self, stored: StoredFile) -> Path:
         path = self.folder / stored.path

@@ -8,19 +8,27 @@ warmed before it can serve; a removed one is dropped, and in-flight requests fin
 Folders whose name starts with "." are never read: publish by staging a folder beside the versions and renaming it
 (what the exporter does). Which version serves is MODEL_VERSION_POLICY's choice: the latest, or a pinned one.
 The dictionaries are replaced, never changed in place, so a request always sees one consistent store.
+
+The store is read, never trusted blindly: a root that is missing, unreadable or suddenly empty (an NFS or volume
+blink, a remount, a careless mv) is a store error, not a removal. Loaded versions keep serving, readiness stays as it
+was, the error is logged once (and its end), counted, and the scan retries; a model this worker does not hold then
+gets 503 store_unavailable, not 404. A version folder whose files change while it loads is still being written and is
+tried again at the next scan; a loaded version whose graph changes on disk keeps serving the graph it verified
+(versions are immutable: publish a new one), said once in the log and the store-error counter.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from service import metrics, verification
-from service.errors import ModelNotFound, ModelUnavailable, NotReady, VersionNotFound
-from service.metadata import ModelMetadata
+from service.errors import ModelNotFound, ModelUnavailable, NotReady, StoreUnavailable, VersionNotFound
+from service.metadata import ModelMetadata, sha256_of
 from service.model import ModelLoadError, OnnxModel
 from service.settings import Settings
 from service.verification import Tolerances
@@ -37,6 +45,10 @@ class LoadFailure:
     version: str
     reason: str
     signature: tuple = ()  # the folder's files when it failed: a changed folder is tried again
+
+
+class StoreUnreadable(Exception):
+    """The store root cannot be trusted this scan; the message says why."""
 
 
 def version_key(version: str) -> tuple:
@@ -62,6 +74,10 @@ class ModelRegistry:
         self._stop_polling = threading.Event()
         self._scan_lock = threading.Lock()  # one rescan at a time
         self._served_shown: dict[str, str] = {}
+        self.store_problem: str | None = None  # why the last scan could not read the store, while it cannot
+        self._store_failed_at = 0.0
+        self._signatures: dict[tuple[str, str], tuple] = {}  # each loaded version's folder when it loaded
+        metrics.STORE_OK.set(1)
 
     # lifecycle -----------------------------------------------------------------------------------------------
     def start_loading(self) -> threading.Thread:
@@ -86,14 +102,22 @@ class ModelRegistry:
     def rescan(self) -> None:
         """Load versions that appeared (or whose failed folder changed), drop versions that disappeared."""
         with self._scan_lock:
-            present = {(folder.parent.name, folder.name): folder for folder in self._version_folders()}
+            try:
+                present = {(folder.parent.name, folder.name): folder for folder in self._version_folders()}
+            except StoreUnreadable as problem:
+                self._store_unreadable(str(problem))
+                return
+            self._store_readable()
             loaded = {(name, version) for name, versions in self.models.items() for version in versions}
             for key in sorted(loaded | set(self.failures), key=lambda k: (k[0], version_key(k[1]))):
                 if key not in present:
                     self._forget(*key)
             for key, folder in present.items():
                 failure = self.failures.get(key)
-                if key in loaded or (failure is not None and failure.signature == _signature(folder)):
+                if key in loaded:
+                    self._check_unchanged(key, folder)
+                    continue
+                if failure is not None and failure.signature == _signature(folder):
                     continue
                 if not (folder / "metadata.json").is_file():
                     continue  # still being written: looked at again at the next scan
@@ -154,6 +178,9 @@ class ModelRegistry:
         if name not in self.names():
             if not self.loading_done.is_set():
                 raise NotReady("Models are still loading; retry in a moment.")
+            if self.store_problem:
+                raise StoreUnavailable(f"Model {name!r} is not loaded in this worker, and {self.store_problem} right "
+                                       "now; retry in a moment.")
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"No model named {name!r}. Available models: {known}.")
         if version is None:
@@ -232,23 +259,67 @@ class ModelRegistry:
 
     # internals -------------------------------------------------------------------------------------------------
     def _version_folders(self) -> list[Path]:
+        """Every version folder; StoreUnreadable when the root is missing or unreadable, or holds no version at all
+        while this worker knows some (an emptied mount point looks like that; deleting every model does not
+        unload them: remove versions one by one, or restart)."""
         if not self.store.is_dir():
-            log.error("model store %s does not exist", self.store)
-            return []
+            raise StoreUnreadable("is missing or not a folder")
         folders = []
-        for model_dir in sorted(p for p in self.store.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            versions = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-            folders.extend(sorted(versions, key=lambda p: version_key(p.name)))
+        try:
+            for model_dir in sorted(p for p in self.store.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                versions = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+                folders.extend(sorted(versions, key=lambda p: version_key(p.name)))
+        except OSError as exc:
+            raise StoreUnreadable(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+        if not folders and (self.models or self.failures):
+            raise StoreUnreadable("suddenly holds no model version")
         return folders
+
+    def _store_unreadable(self, problem: str) -> None:
+        if self.store_problem is None:
+            self._store_failed_at = time.monotonic()
+            metrics.STORE_ERRORS.labels("unreadable").inc()
+            metrics.STORE_OK.set(0)
+            log.error("model store error: %s %s; the %d loaded versions keep serving, readiness is unchanged and the "
+                      "scan retries every %g s (logged once until it recovers)", self.store, problem,
+                      len(self.loaded()), self.poll_seconds)
+        self.store_problem = f"the model store (MODEL_STORE) {problem}"
+
+    def _store_readable(self) -> None:
+        if self.store_problem is not None:
+            log.info("model store readable again after %.1f s", time.monotonic() - self._store_failed_at)
+            self.store_problem = None
+            metrics.STORE_OK.set(1)
+
+    def _check_unchanged(self, key: tuple[str, str], folder: Path) -> None:
+        """A loaded version's folder changed: if a graph or file it names no longer matches its checksum, say so
+        once per change. What serves stays the graph loaded and verified."""
+        signature = _signature(folder)
+        if not signature or signature == self._signatures.get(key):
+            return
+        self._signatures[key] = signature
+        model = self.models[key[0]][key[1]]
+        changed = [stored.path for stored in model.metadata.files.stored()
+                   if not _matches(folder / stored.path, stored.sha256)]
+        if changed:
+            metrics.STORE_ERRORS.labels("changed").inc()
+            log.warning("model %s version %s: %s changed on disk after it loaded; it keeps serving what it loaded and "
+                        "verified (versions are immutable: publish a new version instead; a restarted worker would "
+                        "refuse it)", key[0], key[1], ", ".join(changed))
 
     def _load_one(self, folder: Path) -> None:
         """Load and warm one version. Whatever goes wrong (ONNX Runtime failing at warm-up included) marks this
         version failed with its reason; the loop goes on to the others."""
         name, version = folder.parent.name, folder.name
+        before = _signature(folder)
         try:
             model = self.model_factory(folder, self.intra_op_threads, self.precision, self.tolerances)
             model.load()
         except Exception as exc:
+            if _signature(folder) != before:
+                log.info("model %s version %s is still being written (its files changed while it loaded); trying "
+                         "again at the next scan", name, version)
+                return
             reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
             # Answers name files inside the store, never where the store is on this machine.
             for place, shown in ((folder.resolve(), f"{name}/{version}"), (folder, f"{name}/{version}"),
@@ -259,6 +330,11 @@ class ModelRegistry:
             metrics.MODEL_LOADED.labels(name, version).set(0)
             log.error("model %s version %s failed to load: %s", name, version, reason, exc_info=True)
             return
+        if _signature(folder) != before:
+            log.info("model %s version %s is still being written (its files changed while it loaded); trying again "
+                     "at the next scan", name, version)
+            return
+        self._signatures[(name, version)] = before
         self.models = {**self.models, name: {**self.models.get(name, {}), version: model}}
         self.failures = {key: failure for key, failure in self.failures.items() if key != (name, version)}
         metrics.MODEL_INFO.labels(name, version, model.served_file.sha256, model.precision).set(1)
@@ -282,6 +358,7 @@ class ModelRegistry:
             metrics.MODEL_INFO.labels(name, version, model.served_file.sha256, model.precision).set(0)
             log.info("unloaded model %s version %s: its folder is gone", name, version)
         self.failures = {key: failure for key, failure in self.failures.items() if key != (name, version)}
+        self._signatures.pop((name, version), None)
         metrics.MODEL_LOADED.labels(name, version).set(0)
 
     def _show_served(self) -> None:
@@ -304,6 +381,8 @@ class ModelRegistry:
 
     def _readiness_problem(self) -> str | None:
         if not self.models:
+            if self.store_problem:
+                return f"{self.store_problem}; retrying"
             if self.failures:
                 return "no model could be loaded: " + "; ".join(
                     f"{f.name} v{f.version}: {f.reason}" for f in self.failures.values())
@@ -355,6 +434,13 @@ def _describe_inspection(metadata: ModelMetadata) -> dict:
     """What /inspect will show for this model: its stages in order, and whether it has class activation maps."""
     stages = [{"name": stage.name, "kind": stage.kind, "shape": stage.shape} for stage in metadata.inspection.stages]
     return {"stages": stages, "class_activation_maps": metadata.inspection.class_maps is not None}
+
+
+def _matches(path: Path, sha256: str) -> bool:
+    try:
+        return sha256_of(path) == sha256
+    except OSError:
+        return False
 
 
 def _signature(folder: Path) -> tuple:

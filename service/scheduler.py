@@ -14,6 +14,11 @@ Dynamic batching: when a thread takes a job that has a batch key, it also takes 
 (up to ``max_batch`` items) and runs them as one call, so one ONNX Runtime run and one hand-over to the thread serve
 them all (README "Performance" has the gain). A lone request is never delayed to wait for company.
 
+The watchdog (under gevent): a call that runs longer than ``watchdog_seconds`` per request in it is stuck (a wedged ONNX
+Runtime call, a decoder in a loop); its thread cannot be taken back. The queue turns unhealthy: the stuck call's
+requests and every waiting one get 503 ``worker_unhealthy`` at once, new ones too, and ``on_unhealthy`` is told
+(service/worker.py then takes the worker out of service to be replaced).
+
 Outside gevent (the Flask test client, a sync worker) the same class runs the work on the calling thread, with the
 same limits and batching, so every code path is the same one.
 """
@@ -27,7 +32,11 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from service import metrics
-from service.errors import Overloaded
+from service.errors import Overloaded, WorkerUnhealthy
+
+
+class _Stuck(Exception):
+    """The call outran the watchdog; it is still running on its thread."""
 
 
 def gevent_active() -> bool:
@@ -60,8 +69,11 @@ class Job:
 
 class InferenceQueue:
     def __init__(self, threads: int, max_queue: int, queue_timeout: float, max_batch: int = 64,
-                 body_budget: int = 1 << 62):
+                 body_budget: int = 1 << 62, watchdog_seconds: float = 0.0):
         self.body_budget = body_budget
+        self.watchdog_seconds = watchdog_seconds  # 0: no watchdog
+        self.unhealthy: str | None = None  # why this worker is out of service, once an inference got stuck
+        self.on_unhealthy: Callable[[str], None] | None = None
         self.held_bytes = 0
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -77,7 +89,14 @@ class InferenceQueue:
             pool = ThreadPool(threads)
             # Exceptions come back as values: gevent's pool would print every one (a client's bad image too) as a
             # traceback on stderr.
-            self._execute = lambda work, args: _unwrap(pool.apply(_capture, (work, args)))
+            def execute(work: Callable, args: tuple, requests: int):
+                running = pool.spawn(_capture, work, args)
+                running.wait(self.watchdog_seconds * requests if self.watchdog_seconds else None)
+                if not running.ready():
+                    raise _Stuck()
+                return _unwrap(running.get())
+
+            self._execute = execute
         else:
             self._make_event = threading.Event
             self._execute = _call
@@ -85,6 +104,8 @@ class InferenceQueue:
 
     def admit(self) -> None:
         """Shed now if the queue is full: called before the request body is read, so a flood costs us nothing."""
+        if self.unhealthy:
+            raise WorkerUnhealthy(self._unhealthy_message())
         if len(self.waiting) >= self.max_queue:
             self._shed("queue_full", f"{len(self.waiting)} requests are already waiting for an inference thread "
                                      f"(MAX_QUEUE={self.max_queue}).")
@@ -116,6 +137,8 @@ class InferenceQueue:
 
     # internals -----------------------------------------------------------------------------------------------------
     def _submit(self, job: Job):
+        if self.unhealthy:
+            raise WorkerUnhealthy(self._unhealthy_message())
         with self.lock:
             if self.free > 0 and not self.waiting:
                 self.free -= 1
@@ -141,16 +164,22 @@ class InferenceQueue:
 
     def _lead(self, job: Job):
         batch = self._gather(job)
+        release = True
         try:
             if job.batch_key is None:
-                job.result = self._execute(job.work, job.args)
+                job.result = self._execute(job.work, job.args, 1)
             else:
-                outcomes = self._execute(job.work, ([member.args for member in batch],))
+                outcomes = self._execute(job.work, ([member.args for member in batch],), len(batch))
                 for member, outcome in zip(batch, outcomes):
                     if isinstance(outcome, BaseException):
                         member.error = outcome
                     else:
                         member.result = outcome
+        except _Stuck:
+            release = False  # the thread is still in the call: not this queue's to hand on
+            self._trip(job, len(batch))
+            for member in batch:
+                member.error = WorkerUnhealthy(self._unhealthy_message())
         except BaseException as error:  # the whole call failed: every member gets the error
             for member in batch:
                 member.error = error
@@ -158,8 +187,34 @@ class InferenceQueue:
             for member in batch[1:]:
                 member.state = "done"
                 member.event.set()
-            self._release()
+            if release:
+                self._release()
         return job.outcome()
+
+    def _trip(self, job: Job, requests: int) -> None:
+        """Out of service: every waiting request is answered now, and the worker is told."""
+        if self.unhealthy:
+            return
+        model = job.args[0] if job.args else None
+        what = f"{model.name} v{model.version}" if hasattr(model, "version") else getattr(job.work, "__name__", "")
+        self.unhealthy = (f"an inference ({what}, {requests} request{'s' if requests > 1 else ''}) ran longer than "
+                          f"INFERENCE_WATCHDOG_SECONDS={self.watchdog_seconds:g} s per request and is still running; "
+                          "this worker is out of service and being replaced")
+        metrics.WATCHDOG_TRIPS.inc()
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for member in waiting:
+            metrics.QUEUE_DEPTH.dec()
+            member.error = WorkerUnhealthy(self._unhealthy_message())
+            member.state = "done"
+            member.event.set()
+        if self.on_unhealthy is not None:
+            self.on_unhealthy(self.unhealthy)
+
+    @staticmethod
+    def _unhealthy_message() -> str:
+        return ("This worker is out of service: an inference in it got stuck, and it is being replaced. Retry after "
+                "the time in the Retry-After header; another worker or replica will answer.")
 
     def _gather(self, leader: Job) -> list[Job]:
         """The leader and every waiting job with its batch key, oldest first, up to ``max_batch`` items."""
@@ -196,7 +251,7 @@ class InferenceQueue:
                          "or send to another replica.", reason=reason)
 
 
-def _call(work: Callable, args: tuple):
+def _call(work: Callable, args: tuple, requests: int):
     return work(*args)
 
 

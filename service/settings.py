@@ -195,6 +195,9 @@ class Settings:
     API_KEYS_FILE: str = _setting("", "file of API keys, one per line (# comments); what a Kubernetes Secret mounts",
                                   path("a readable file holding a key (checked at start), or empty for none",
                                        empty_ok=True), shown="(off)")
+    API_KEYS_REREAD_SECONDS: float = _setting(2.0, "how often API_KEYS_FILE is checked for a change (a rotated "
+                                                   "Secret); a changed file is re-read, no restart",
+                                              seconds(above=True))
     WORKERS: int = _setting(2, "gunicorn worker processes; one per CPU core is the measured best", whole(1))
     INFERENCE_THREADS: int = _setting(0, "real threads per worker that decode and run ONNX Runtime; 0 = the CPUs "
                                          "available (affinity mask and cgroup CPU limit) / WORKERS, at least 1",
@@ -205,6 +208,12 @@ class Settings:
                                     "together; 1 = no batching", whole(1))
     QUEUE_TIMEOUT: float = _setting(1.0, "seconds a request may wait for an inference thread before 503 overloaded",
                                     seconds(above=True))
+    # The slowest legitimate request measured on a 2-core Xeon is 1.6 s (a 40 MP WebP, decoded and classified); the
+    # default leaves room for a CPU several times slower or a throttled container before a worker is called stuck.
+    INFERENCE_WATCHDOG_SECONDS: float = _setting(10.0, "an inference (decode included) running longer than this per "
+                                                       "request in its call marks the worker unhealthy: its requests "
+                                                       "get 503 worker_unhealthy and it is replaced (gevent worker)",
+                                                 seconds(above=True))
     SHED_BACKOFF: float = _setting(0.5, "after a 503 for a full queue, seconds before that connection's next request "
                                          "is read (clients ignoring Retry-After can't spin the server)", seconds())
     BODY_TIMEOUT: float = _setting(15.0, "seconds a client has to send its whole request body; then 408 "

@@ -15,14 +15,18 @@ Differences from gunicorn's stock gevent worker:
   event loop busy with rejections (which starved inference and health probes of CPU under a 512-connection flood);
 - errors gunicorn answers itself (a bad request line, a URI or headers too long) are JSON like the service's;
 - SIGTERM starts a drain: readiness turns 503 at once, requests are served for DRAIN_SECONDS, then the worker stops
-  accepting and finishes every request it accepted.
+  accepting and finishes every request it accepted;
+- when the inference watchdog trips (service/scheduler.py), the worker stops accepting, answers what it holds, and
+  exits with os._exit: a thread stuck inside ONNX Runtime cannot be stopped any other way. The master replaces it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import sys
 
 import gevent
 from gevent import monkey
@@ -32,6 +36,8 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from service.errors import BACKOFF_ENVIRON_KEY, HTTP_STATUS_CODES
 from service.settings import Settings
+
+log = logging.getLogger("convserve")
 
 
 class ServingWorker(GeventWorker):
@@ -52,6 +58,15 @@ class ServingWorker(GeventWorker):
         super().load_wsgi()
         self.flask_app = self.wsgi
         self.wsgi = _serve(self.flask_app)
+        state = self.app_state
+        if state is not None:
+            state.pipeline.queue.on_unhealthy = self._out_of_service
+
+    def run(self):
+        super().run()
+        state = self.app_state
+        if state is not None and state.pipeline.queue.unhealthy:
+            self._exit_stuck()
 
     @property
     def app_state(self):
@@ -71,6 +86,24 @@ class ServingWorker(GeventWorker):
             state.registry.begin_shutdown()
         gevent.sleep(max(0.0, Settings.from_env().DRAIN_SECONDS))
         self._stop_accepting()
+
+    def _out_of_service(self, reason: str) -> None:
+        from service import metrics
+
+        log.error("worker %d out of service: %s; it stops accepting, answers what it holds, and exits", self.pid,
+                  reason)
+        metrics.READY.set(0)
+        self.app_state.registry.stop_polling()
+        self._stop_accepting()
+        # run() returns once the accepted requests are answered (idle keep-alive connections: KEEPALIVE at most);
+        # this bounds it in any case.
+        gevent.spawn_later(self.cfg.graceful_timeout, self._exit_stuck)
+
+    def _exit_stuck(self) -> None:
+        log.error("worker %d exits: a stuck inference thread cannot be stopped any other way", self.pid)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # not 3 or 4: gunicorn's master stops the whole server for those
 
     def _stop_accepting(self):
         self.alive = False  # run() closes the listeners, then waits for accepted requests (GRACEFUL_TIMEOUT)

@@ -88,6 +88,7 @@ BAD_VALUES = [
     ("MAX_QUEUE", "0", "a whole number >= 1"), ("BATCH_IMAGES", "0", ">= 1"),
     ("QUEUE_TIMEOUT", "0", "a number of seconds > 0"), ("QUEUE_TIMEOUT", "nan", "> 0"), ("QUEUE_TIMEOUT", "inf", "> 0"),
     ("SHED_BACKOFF", "-0.5", "a number of seconds >= 0"),
+    ("INFERENCE_WATCHDOG_SECONDS", "0", "a number of seconds > 0"), ("API_KEYS_REREAD_SECONDS", "-1", "> 0"),
     ("BODY_TIMEOUT", "0", "a number of seconds > 0"),
     ("KEEPALIVE", "0", "a whole number >= 1 (seconds)"), ("KEEPALIVE", "2.5", "whole number"),
     ("WORKER_CONNECTIONS", "0", ">= 1"),

@@ -94,8 +94,9 @@ def _service_error(error: ServiceError):
     response = error_response(error.status, error.code, error.message)
     if isinstance(error, Unauthorized):
         response.headers["WWW-Authenticate"] = 'Bearer realm="convserve"'
-    if isinstance(error, Overloaded):
+    if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Overloaded):
         if error.reason == "queue_full":
             request.environ[BACKOFF_ENVIRON_KEY] = state().settings.SHED_BACKOFF
     if isinstance(error, (RequestTimeout, PayloadTooLarge)) and g.get("body_unread"):

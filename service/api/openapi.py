@@ -55,12 +55,12 @@ STATUS_TEXT = {
     414: "Answered by the HTTP server: the request line is longer than 4094 bytes.",
     431: "Answered by the HTTP server: more than 100 header fields, or one longer than 8190 bytes.",
     500: "A server bug; the log has the details.",
-    503: "Cannot serve now: models are loading, this version failed to load, or the server is overloaded (retry "
-         "after `Retry-After` seconds).",
+    503: "Cannot serve now: models are loading, this version failed to load, the model store cannot be read, this "
+         "worker is being replaced, or the server is overloaded (retry after `Retry-After` seconds).",
 }
 RESPONSE_HEADERS = {
     401: {"WWW-Authenticate": {"description": "How to send a key: `Bearer`.", "schema": {"type": "string"}}},
-    503: {"Retry-After": {"description": "With `overloaded`: seconds to wait before retrying.",
+    503: {"Retry-After": {"description": "Seconds to wait before retrying (on every 503).",
                           "schema": {"type": "integer", "minimum": 1}}},
 }
 # What every POST can be refused for while its body is admitted and read (service/api/__init__.py), and where the
@@ -288,7 +288,7 @@ class _Builder:
 _PATH_PARAMETERS = {"name": "ModelName", "version": "ModelVersion"}
 # The models written to components/schemas (with every model they use).
 _MODELS = tuple(getattr(schemas, name) for name in (
-    "Error", "V2Error", "Liveness", "Readiness", "NotReadyStatus", "ClassifyResponse", "ImagesRequest",
+    "Error", "V2Error", "Liveness", "Unhealthy", "Readiness", "NotReadyStatus", "ClassifyResponse", "ImagesRequest",
     "InspectResponse", "FiltersResponse", "VersionDescription", "ModelDescription", "ModelList", "ServerMetadata",
     "ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "InferenceResponse", "InferenceRequest"))
 

@@ -58,14 +58,20 @@ class Liveness(Body):
     status: Literal["alive"]
 
 
+class Unhealthy(Body):
+    status: Literal["unhealthy"]
+    reason: str = Field(description="Why this worker is out of service (an inference outran "
+                                    "INFERENCE_WATCHDOG_SECONDS); it exits and is replaced.")
+
+
 class Readiness(Body):
     status: Literal["ready"]
 
 
 class NotReadyStatus(Body):
     status: Literal["not ready"]
-    reason: str = Field(description="Models are loading, none could be loaded, the default one is not served, or "
-                                    "the server is shutting down.")
+    reason: str = Field(description="Models are loading, none could be loaded, the default one is not served, the "
+                                    "worker is unhealthy, or the server is shutting down.")
 
 
 # /v1 classify -----------------------------------------------------------------------------------------------------

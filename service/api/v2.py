@@ -32,17 +32,19 @@ def server_metadata():
 
 
 @blueprint.get("/health/live")
-@documented("Server liveness", "Always `{\"live\": true}` while the process answers.", tags=["inference", "health"],
-            responses={200: ServerLive})
+@documented("Server liveness", "As /healthz: 200 `{\"live\": true}` while the worker answers, 503 "
+            "`{\"live\": false}` once an inference outran INFERENCE_WATCHDOG_SECONDS.", tags=["inference", "health"],
+            responses={200: ServerLive, 503: ServerLive})
 def live():
-    return reply(ServerLive, {"live": True})
+    stuck = state().pipeline.queue.unhealthy is not None
+    return reply(ServerLive, {"live": not stuck}, 503 if stuck else 200)
 
 
 @blueprint.get("/health/ready")
 @documented("Server readiness", "Ready as /readyz is: 200 `{\"ready\": true}`, else 503 `{\"ready\": false}`.",
             tags=["inference", "health"], responses={200: ServerReady, 503: ServerReady})
 def ready():
-    is_ready = state().registry.ready
+    is_ready = state().registry.ready and state().pipeline.queue.unhealthy is None
     return reply(ServerReady, {"ready": is_ready}, 200 if is_ready else 503)
 
 
