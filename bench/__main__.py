@@ -6,7 +6,9 @@ the same run, next to the in-process limit: the same decode + preprocessing + ON
 as there are workers, with no HTTP.
 Hostile load: throughput at 8 connections while 300 connections trickle bodies at 1 byte/s, and health/metrics
 latency from outside; 512 connections posting 1920x1080 JPEGs (4x overload): shedding, wrk time-outs and errors,
-health/metrics latency. Faults: kill -9 of a worker under load, SIGTERM under load with a drain.
+health/metrics latency. Faults: kill -9 of a worker under load, SIGTERM under load with a drain, and a mixed soak
+(bench/soak.py: classify, inspect and /v2 for --soak-seconds, a version published every minute, a key rotated) that
+reports RSS, open files and the metrics folder's size at its start and end.
 Also single-image ONNX Runtime latency of the INT8 and FP32 graphs, served throughput with PRECISION=int8 and fp32,
 inspect latency, and classify throughput after inspect has been used.
 Results go to bench/results/bench-<time>.json. Timings are compared only as ratios taken within one run.
@@ -38,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.inprocess import in_process_worker  # noqa: E402
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
+from bench.soak import soak  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
 from service.settings import Settings, available_cpus  # noqa: E402
 from service.verification import cpu  # noqa: E402
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", default="1,8,32", help="comma-separated wrk connection counts")
     parser.add_argument("--model", default="convnet")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--soak-seconds", type=float, default=600, help="length of the mixed soak (0: none)")
+    parser.add_argument("--only-soak", action="store_true", help="run the soak alone")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -128,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
     wrk = Wrk(work)
     images = bench_images()
+    if args.only_soak:
+        (work / "soak").mkdir()
+        results = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                   "machine": {"cpus": available_cpus(), **cpu(), "python": platform.python_version()},
+                   "workers": args.workers, "soak": soak(work / "soak", store, images["32x32 PNG"][0], args.workers,
+                                                         args.soak_seconds)}
+        shutil.rmtree(work, ignore_errors=True)
+        return write_results(results, args.out)
     results = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": {"cpus": available_cpus(), **cpu(), "python": platform.python_version()},
                "model": {"name": args.model, "version": folder.name}, "workers": args.workers,
@@ -161,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         baseline.stop()
     results["precision"] = served_precisions(work, wrk, images, args)
     results["sigterm_drain"] = sigterm_under_load(work, images, args)
+    if args.soak_seconds > 0:
+        (work / "soak").mkdir()
+        results["soak"] = soak(work / "soak", store, images["32x32 PNG"][0], args.workers, args.soak_seconds)
     shutil.rmtree(work, ignore_errors=True)
     print_table(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    return write_results(results, args.out)
+
+
+def write_results(results: dict, out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {path.relative_to(REPO)}")
     return 0
