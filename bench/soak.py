@@ -96,7 +96,10 @@ def soak(work: Path, store: Path, payload: bytes, workers: int, seconds: float, 
     shutil.copytree(store, work / "store")
     store = work / "store"
     lenet = store / "lenet"
-    source = max((p for p in lenet.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    shipped = max((p for p in lenet.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    source = work / "lenet-source"  # what each new version is a copy of: the store's own copies get retired
+    shutil.copytree(shipped, source)
+    first_version = int(shipped.name) + 1
     secret = work / "secret"
     secret.mkdir()
     mount_secret(secret, ["soak-key-1"], 1)
@@ -117,7 +120,7 @@ def soak(work: Path, store: Path, payload: bytes, workers: int, seconds: float, 
             time.sleep(1)
             if time.monotonic() >= next_publish:
                 next_publish += publish_every
-                version = str(int(source.name) + 1 + len(published))
+                version = str(first_version + len(published))
                 staging = lenet / f".staging-{version}"
                 shutil.copytree(source, staging)
                 staging.rename(lenet / version)

@@ -402,6 +402,29 @@ def test_the_metrics_folder_deleted_under_a_running_server(tmp_path):
     no_worker_crashed(server)
 
 
+def test_the_archive_is_prometheus_clients_own_format(tmp_path):
+    from prometheus_client.mmap_dict import MmapedDict
+
+    from service import metrics_files
+
+    entries = {metrics_files.mmap_key("convserve_requests_total", "convserve_requests_total",
+                                      ["route"], [f"/v1/{index}"], "help"): float(index) for index in range(300)}
+    (tmp_path / "counter_archive.db").write_bytes(metrics_files.encode(entries))
+    read = {key: value for key, value, _, _ in MmapedDict.read_all_values_from_file(tmp_path / "counter_archive.db")}
+    assert read == entries
+
+
+def test_every_gauge_is_per_live_worker():
+    """The folder's bound holds because a dead worker leaves only counters and histograms, which are merged: a gauge
+    in another mode ("all", "max", ...) would leave a file per dead worker."""
+    from prometheus_client import Gauge
+
+    from service.metrics import EXPORTED_METRICS
+
+    modes = {metric._name: metric._multiprocess_mode for metric in EXPORTED_METRICS if isinstance(metric, Gauge)}
+    assert modes and all(mode.startswith("live") for mode in modes.values()), modes
+
+
 def test_dead_workers_files_are_compacted_and_their_counts_kept(tmp_path):
     server = GunicornServer(tmp_path, WORKERS=2, DEFAULT_MODEL="lenet")
     server.wait_ready()
