@@ -10,7 +10,7 @@ PRESET     ?= default
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-image lint bench train image clean
+.PHONY: help serve test test-image lint bench train image clean cluster cluster-roll
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -29,6 +29,12 @@ $(VENV)/.dev: pyproject.toml
 
 serve: $(VENV)/.runtime  ## install and serve the shipped models on PORT (default 8080)
 	$(BIN)/gunicorn -c python:service.gunicorn_config
+
+cluster: $(VENV)/.runtime  ## REPLICAS (3) replicas behind HAProxy on PORT (8080) with Prometheus; Ctrl-C stops all
+	$(BIN)/python deploy/cluster.py up
+
+cluster-roll: $(VENV)/.runtime  ## a rolling update of the `make cluster` running on the same PORT
+	$(BIN)/python deploy/cluster.py roll
 
 test: $(VENV)/.dev  ## install dev + train extras and run the whole test suite (image tests: make test-image)
 	$(BIN)/pytest -m "not image" $(PYTEST_ARGS)
