@@ -38,6 +38,7 @@ PROMETHEUS_PORT = int(os.environ.get("PROMETHEUS_PORT") or PORT + 1010)
 SCRAPE_SECONDS = 2
 PROBE_SECONDS = 1.0  # the kubelet's readiness periodSeconds, here
 PRESTOP_SECONDS = 1.0  # the Deployment's preStop sleep: the load balancer forgets the replica before SIGTERM
+RECREATE_SECONDS = 3.0  # a dead pod is not replaced at once: Kubernetes schedules and starts a new one
 DRAIN_SECONDS = os.environ.get("DRAIN_SECONDS") or "2"
 HERE = REPO / ".cluster" / str(PORT)
 STATE = HERE / "state.json"
@@ -136,8 +137,9 @@ class Cluster:
         self.replicas = [Replica(index) for index in range(REPLICAS)]
         self.proxy: subprocess.Popen | None = None
         self.prometheus: subprocess.Popen | None = None
-        self.stopping = threading.Event()
-        self.roll_requested = threading.Event()
+        self.stopping = threading.Event()  # set by the main thread only: a signal handler must take no lock
+        self.stop_requested = False  # set by the signal handlers (plain flags)
+        self.roll_requested = False
         self.rolling: threading.Thread | None = None
         self.rolls = 0
 
@@ -198,19 +200,25 @@ class Cluster:
 
     # ---- the controller ----
     def run(self) -> None:
-        while not self.stopping.is_set():
+        dead_since: dict[str, float] = {}
+        while not self.stop_requested:
             for replica in self.replicas:
                 if replica.process.poll() is not None and not replica.leaving:  # a ReplicaSet recreates a pod
-                    log(f"{replica.name} exited ({replica.process.returncode}); starting a new one")
-                    replica.start()
-                    self._save()
+                    if replica.name not in dead_since:
+                        dead_since[replica.name] = time.monotonic()
+                        log(f"{replica.name} exited ({replica.process.returncode}); a new one starts in "
+                            f"{RECREATE_SECONDS:g} s")
+                    elif time.monotonic() - dead_since[replica.name] >= RECREATE_SECONDS:
+                        del dead_since[replica.name]
+                        replica.start()
+                        log(f"{replica.name} started again")
             self._save()
-            if self.roll_requested.is_set() and not (self.rolling and self.rolling.is_alive()):
-                self.roll_requested.clear()
+            if self.roll_requested and not (self.rolling and self.rolling.is_alive()):
+                self.roll_requested = False
                 self.rolling = threading.Thread(target=self._roll, daemon=True)
                 self.rolling.start()
                 self._save()
-            self.stopping.wait(PROBE_SECONDS)
+            time.sleep(PROBE_SECONDS / 4)  # a signal cuts it short; the flags are read here
 
     def _roll(self) -> None:
         log("rolling update: one replica at a time")
@@ -236,6 +244,7 @@ class Cluster:
         self._save()
 
     def stop(self) -> None:
+        self.stop_requested = True
         self.stopping.set()
         for replica in self.replicas:
             replica.leaving = True
@@ -260,9 +269,11 @@ def up() -> int:
             print(f"cluster: {tool} is not installed (apt-get install {tool})", file=sys.stderr)
             return 2
     cluster = Cluster()
-    signal.signal(signal.SIGTERM, lambda *_: cluster.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: cluster.stopping.set())
-    signal.signal(signal.SIGUSR1, lambda *_: cluster.roll_requested.set())
+    # Plain assignments only: a handler that takes a lock (Event.set) deadlocks when it interrupts the main thread
+    # holding that same lock, which left a cluster running after SIGTERM once.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(cluster, "stop_requested", True))
+    signal.signal(signal.SIGINT, lambda *_: setattr(cluster, "stop_requested", True))
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(cluster, "roll_requested", True))
     cluster.start()
     log(f"{REPLICAS} replicas on ports {PORT + 1}-{PORT + REPLICAS} behind HAProxy on http://127.0.0.1:{PORT}, "
         f"Prometheus on http://127.0.0.1:{PROMETHEUS_PORT}; Ctrl-C stops everything")
