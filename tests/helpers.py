@@ -50,6 +50,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until(predicate, what: str, timeout: float = 60.0, interval: float = 0.1):
+    """Until ``predicate()`` is true (its value is returned), or an AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def wait_for(url: str, status: int = 200, timeout: float = 60.0, process=None) -> requests.Response:
     deadline = time.monotonic() + timeout
     last = None

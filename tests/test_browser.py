@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,7 +34,7 @@ import requests
 from PIL import Image, ImageDraw
 
 from service.settings import Settings
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -171,16 +170,6 @@ def pattern_png(seed: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def wait_until(predicate, what: str, timeout: float = WAIT_S, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def page_state(driver) -> str:

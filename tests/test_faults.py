@@ -23,7 +23,7 @@ import requests
 from onnx import TensorProto, helper
 
 from service.metadata import sha256_of
-from tests.helpers import GunicornServer, image_bytes, metric_value
+from tests.helpers import GunicornServer, image_bytes, metric_value, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -162,16 +162,6 @@ class Poller:
         return Counter(status for _, status, _ in self.seen)
 
 
-def wait_until(condition, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
-
-
 def worker_of(connection: http.client.HTTPConnection, server: GunicornServer) -> int:
     """The worker process holding the server side of this keep-alive connection (from /proc: socket inodes)."""
     client_port = connection.sock.getsockname()[1]
@@ -235,14 +225,14 @@ def test_the_store_moved_away_under_load_changes_nothing_clients_see(tmp_path, l
         with Clients(server.url) as clients, Poller(server.url + "/readyz") as readiness:
             time.sleep(1)
             lenet_store.rename(away)
-            wait_until(lambda: len(log_lines(server, "model store error")) == server.workers, 5,
-                       "every worker noticing the store is gone")
+            wait_until(lambda: len(log_lines(server, "model store error")) == server.workers,
+                       "every worker noticing the store is gone", timeout=5)
             unknown = requests.post(server.url + "/v1/models/nosuch/classify", data=image_bytes(), timeout=10,
                                     headers={"Content-Type": "image/png"})
             time.sleep(max(0.0, BLINK_SECONDS - 1))
             away.rename(lenet_store)
-            wait_until(lambda: len(log_lines(server, "model store readable again")) == server.workers, 5,
-                       "every worker seeing the store back")
+            wait_until(lambda: len(log_lines(server, "model store readable again")) == server.workers,
+                       "every worker seeing the store back", timeout=5)
             time.sleep(1)
         metrics = scrape(server)
     finally:
@@ -279,7 +269,7 @@ def test_a_version_copied_in_place_serves_once_whole(tmp_path, lenet_store):
                 if not (target / path.name).exists():
                     shutil.copy(path, target)
             wait_until(lambda: requests.get(server.url + "/v1/models/lenet", timeout=5).json()["default_version"]
-                       == "2" and clients.versions["2"] > 20, 20, "version 2 serving")
+                       == "2" and clients.versions["2"] > 20, "version 2 serving", timeout=20)
     finally:
         server.stop()
     assert clients.failures == [] and set(clients.statuses) == {200}, (clients.statuses, clients.codes)
@@ -301,8 +291,8 @@ def test_a_graph_replaced_by_garbage_under_a_loaded_version_keeps_serving(tmp_pa
             time.sleep(0.5)
             for name in ("model.onnx", "inspect.onnx"):
                 (folder / name).write_bytes(os.urandom(4096))
-            wait_until(lambda: len(log_lines(server, "changed on disk after it loaded")) == server.workers, 5,
-                       "every worker noticing the changed files")
+            wait_until(lambda: len(log_lines(server, "changed on disk after it loaded")) == server.workers,
+                       "every worker noticing the changed files", timeout=5)
             time.sleep(0.5)
         inspected = requests.post(server.url + "/v1/inspect", data=image_bytes(),
                                   headers={"Content-Type": "image/png"}, timeout=10)
@@ -355,8 +345,8 @@ def test_a_full_metrics_volume_never_stops_classification(tmp_path, small_tmpfs)
                     requests.post(server.url + path, data=body, headers={"Content-Type": "image/png"}, timeout=30)
             replaced = next(iter(pids))
             os.kill(replaced, signal.SIGTERM)
-            wait_until(lambda: len(server.worker_pids()) == 2 and replaced not in server.worker_pids(), 30,
-                       "the worker restarted on a full volume")
+            wait_until(lambda: len(server.worker_pids()) == 2 and replaced not in server.worker_pids(),
+                       "the worker restarted on a full volume", timeout=30)
             time.sleep(2)
         assert clients.failures == [] and set(clients.statuses) == {200}, (clients.statuses, clients.codes)
         assert pids - {replaced} <= server.worker_pids(), "no worker died"
@@ -370,7 +360,7 @@ def test_a_full_metrics_volume_never_stops_classification(tmp_path, small_tmpfs)
                           timeout=10)
             return log_lines(server, "every series kept in memory is written") and server.all_workers_ready()
 
-        wait_until(exported, 20, "the series kept in memory exported", every=0.5)
+        wait_until(exported, "the series kept in memory exported", timeout=20, interval=0.5)
     finally:
         server.stop()
 
@@ -390,9 +380,10 @@ def test_the_metrics_folder_deleted_under_a_running_server(tmp_path):
             replaced = next(iter(server.worker_pids()))  # its successor cannot create a single file
             os.kill(replaced, signal.SIGTERM)
             wait_until(lambda: len(server.worker_pids()) == 2 and replaced not in server.worker_pids()
-                       and log_lines(server, "metrics: cannot create"), 30, "a new worker, with no metrics files")
+                       and log_lines(server, "metrics: cannot create"), "a new worker, with no metrics files",
+                       timeout=30)
             wait_until(lambda: all(requests.get(server.url + "/readyz", timeout=5).status_code == 200
-                                   for _ in range(6)), 30, "the new worker ready")
+                                   for _ in range(6)), "the new worker ready", timeout=30)
             time.sleep(0.5)
     finally:
         server.stop()
@@ -438,7 +429,7 @@ def test_dead_workers_files_are_compacted_and_their_counts_kept(tmp_path):
             for pid in pids:
                 os.kill(pid, signal.SIGTERM)
             wait_until(lambda old=pids: not old & server.worker_pids() and len(server.worker_pids()) == 2
-                       and server.all_workers_ready(), 60, "both workers replaced")
+                       and server.all_workers_ready(), "both workers replaced", timeout=60)
             after = metric_value(scrape(server), "convserve_requests_total", route="/v1/classify", status="200")
             assert after == before, "a dead worker's counts stay"
         files = sorted(path.name for path in server.metrics_dir.glob("*.db"))
@@ -483,8 +474,8 @@ def test_a_stuck_inference_gets_its_worker_replaced(tmp_path, stall_store):
                         pass
                 time.sleep(0.05)
             sender.join(30)
-            wait_until(lambda: stuck_pid not in server.worker_pids() and len(server.worker_pids()) == 2, 15,
-                       "the stuck worker replaced")
+            wait_until(lambda: stuck_pid not in server.worker_pids() and len(server.worker_pids()) == 2,
+                       "the stuck worker replaced", timeout=15)
             replaced_after = time.monotonic() - started
             server.wait_ready(30)
             time.sleep(1)
@@ -538,8 +529,8 @@ def test_a_worker_killed_holding_requests_fails_only_those(tmp_path, stall_store
             os.kill(victim, signal.SIGKILL)
             for sender in senders:
                 sender.join(30)
-            wait_until(lambda: len(server.worker_pids()) == 2 and victim not in server.worker_pids(), 30,
-                       "the killed worker replaced")
+            wait_until(lambda: len(server.worker_pids()) == 2 and victim not in server.worker_pids(),
+                       "the killed worker replaced", timeout=30)
             server.wait_ready(30)
             time.sleep(1)
     finally:
@@ -584,8 +575,8 @@ def test_a_rotated_key_takes_effect_without_a_restart(tmp_path):
             assert works("old-key") == 200 and works("new-key") == 401
             mount_secret(secret, "# rotated\nnew-key\n", 2)
             rotated = time.monotonic()
-            wait_until(lambda: all(works("new-key") == 200 and works("old-key") == 401 for _ in range(6)), 5,
-                       "the new key working and the old one refused in every worker")
+            wait_until(lambda: all(works("new-key") == 200 and works("old-key") == 401 for _ in range(6)),
+                       "the new key working and the old one refused in every worker", timeout=5)
             took = time.monotonic() - rotated
             mount_secret(secret, "# emptied by mistake\n", 3)  # a broken Secret: the keys in force stay
             time.sleep(3)
@@ -612,7 +603,7 @@ def test_sighup_replaces_every_worker_and_drops_nothing(tmp_path):
             time.sleep(1)
             server.process.send_signal(signal.SIGHUP)
             wait_until(lambda: not pids & server.worker_pids() and len(server.worker_pids()) == 2
-                       and server.all_workers_ready(), 60, "every worker replaced")
+                       and server.all_workers_ready(), "every worker replaced", timeout=60)
             time.sleep(1)
     finally:
         server.stop()
