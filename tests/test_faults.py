@@ -268,8 +268,8 @@ def test_a_version_copied_in_place_serves_once_whole(tmp_path, lenet_store):
             for path in sorted(source.iterdir()):
                 if not (target / path.name).exists():
                     shutil.copy(path, target)
-            wait_until(lambda: requests.get(server.url + "/v1/models/lenet", timeout=5).json()["default_version"]
-                       == "2" and clients.versions["2"] > 20, "version 2 serving", timeout=20)
+            wait_until(lambda: len(log_lines(server, "loaded model lenet version 2")) == server.workers
+                       and clients.versions["2"] > 20, "version 2 serving in every worker", timeout=20)
     finally:
         server.stop()
     assert clients.failures == [] and set(clients.statuses) == {200}, (clients.statuses, clients.codes)
