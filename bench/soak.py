@@ -20,21 +20,9 @@ import numpy as np
 import requests
 
 from service import metrics_files
-from tests.helpers import GunicornServer
+from tests.helpers import GunicornServer, mount_secret
 
 KEEP_VERSIONS = 2  # published lenet versions kept in the store at once
-
-
-def mount_secret(folder: Path, keys: list[str], generation: int) -> None:
-    """As the kubelet updates a Secret volume: a new timestamped folder, ``..data`` swapped to it by a rename."""
-    data = folder / f"..soak_{generation:03d}"
-    data.mkdir()
-    (data / "keys").write_text("\n".join(keys) + "\n")
-    staged = folder / "..data_tmp"
-    staged.symlink_to(data.name)
-    staged.rename(folder / "..data")
-    if not (folder / "keys").is_symlink():
-        (folder / "keys").symlink_to("..data/keys")
 
 
 def process_figures(server: GunicornServer) -> dict:
@@ -102,7 +90,7 @@ def soak(work: Path, store: Path, payload: bytes, workers: int, seconds: float, 
     first_version = int(shipped.name) + 1
     secret = work / "secret"
     secret.mkdir()
-    mount_secret(secret, ["soak-key-1"], 1)
+    mount_secret(secret, "soak-key-1\n", 1)
     server = GunicornServer(work, WORKERS=workers, MODEL_STORE=store, MODEL_POLL_SECONDS=2,
                             API_KEYS_FILE=secret / "keys")
     published, rotated = [], False
@@ -130,11 +118,11 @@ def soak(work: Path, store: Path, payload: bytes, workers: int, seconds: float, 
                     shutil.rmtree(old)
             if not rotated and time.monotonic() - started >= seconds / 2:
                 rotated = True
-                mount_secret(secret, ["soak-key-1", "soak-key-2"], 2)  # the new key is added ...
+                mount_secret(secret, "soak-key-1\nsoak-key-2\n", 2)  # the new key is added ...
                 time.sleep(5)
                 clients.key = "soak-key-2"  # ... clients move to it ...
                 time.sleep(5)
-                mount_secret(secret, ["soak-key-2"], 3)  # ... and the old one is removed
+                mount_secret(secret, "soak-key-2\n", 3)  # ... and the old one is removed
         clients.stop.set()
         for thread in clients.threads:
             thread.join(30)

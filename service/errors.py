@@ -141,6 +141,10 @@ class WorkerUnhealthy(ServiceError):
     code = "worker_unhealthy"
     retry_after = 1
 
+    def __init__(self, message: str = "This worker is out of service: an inference in it got stuck, and it is being "
+                 "replaced. Retry after the time in the Retry-After header; another worker or replica will answer."):
+        super().__init__(message)
+
 
 # The WSGI environ key through which a shed request asks the worker (service/worker.py) to pause before reading the
 # connection's next request: SHED_BACKOFF seconds.

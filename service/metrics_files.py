@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager, suppress
 
 from prometheus_client import CollectorRegistry, generate_latest, values
-from prometheus_client.mmap_dict import MmapedDict, mmap_key  # noqa: F401 - mmap_key: the key format tests use
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 log = logging.getLogger("convserve")
@@ -40,6 +40,13 @@ LOCK_NAME = ".lock"  # not *.db: the collector reads every *.db file
 _INTEGER = struct.Struct("i")
 _TWO_DOUBLES = struct.Struct("dd")
 _reported: set[str] = set()
+
+
+def _entry(key: str, value: float = 0.0) -> bytes:
+    """One series in prometheus_client's file layout: its key's length, the key padded to 8 bytes, value, timestamp."""
+    encoded = key.encode("utf-8")
+    padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
+    return struct.pack(f"i{len(padded)}sdd".encode(), len(encoded), padded, value, 0.0)
 
 
 def _report_once(what: str, error: OSError) -> None:
@@ -96,9 +103,7 @@ class GuardedFile(MmapedDict):
         return True
 
     def _init_value(self, key):
-        encoded = key.encode("utf-8")
-        padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
-        entry = struct.pack(f"i{len(padded)}sdd".encode(), len(encoded), padded, 0.0, 0.0)
+        entry = _entry(key)
         if self._used + len(entry) > self._capacity:
             capacity = self._capacity
             while self._used + len(entry) > capacity:
@@ -211,14 +216,9 @@ def collect(folder: str) -> bytes:
 
 
 def encode(entries: dict[str, float]) -> bytes:
-    """A whole file in prometheus_client's layout: bytes used, padding, then (length, key padded to 8, value,
-    timestamp) per series."""
-    body = bytearray()
-    for key, value in entries.items():
-        encoded = key.encode("utf-8")
-        padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
-        body += struct.pack(f"i{len(padded)}sdd".encode(), len(encoded), padded, value, 0.0)
-    return _INTEGER.pack(8 + len(body)) + b"\0" * 4 + bytes(body)
+    """A whole file in prometheus_client's layout: bytes used, padding, then one entry per series."""
+    body = b"".join(_entry(key, value) for key, value in entries.items())
+    return _INTEGER.pack(8 + len(body)) + b"\0" * 4 + body
 
 
 def compact(folder: str, pid: int) -> None:

@@ -73,6 +73,7 @@ class ModelRegistry:
         self.failures: dict[tuple[str, str], LoadFailure] = {}
         self.loading_done = threading.Event()
         self.shutting_down = False
+        self.out_of_service: str | None = None  # why the worker is leaving (the inference watchdog tripped)
         self._stop_polling = threading.Event()
         self._scan_lock = threading.Lock()  # one rescan at a time
         self._served_shown: dict[str, str] = {}
@@ -149,11 +150,19 @@ class ModelRegistry:
         metrics.READY.set(0)
         log.info("shutdown begun: readiness now reports 503")
 
+    def take_out_of_service(self, reason: str) -> None:
+        """The worker is leaving for another reason than a shutdown: readiness says why until it exits."""
+        self.out_of_service = reason
+        self.stop_polling()
+        metrics.READY.set(0)
+
     @property
     def ready(self) -> bool:
-        return self.loading_done.is_set() and not self.shutting_down and not self._readiness_problem()
+        return self.readiness_problem() is None
 
     def readiness_problem(self) -> str | None:
+        if self.out_of_service:
+            return self.out_of_service
         if self.shutting_down:
             return "shutting down"
         if not self.loading_done.is_set():
@@ -318,27 +327,18 @@ class ModelRegistry:
         version failed with its reason; the loop goes on to the others."""
         name, version = folder.parent.name, folder.name
         before = _signature(folder)
+        error: Exception | None = None
         try:
             model = self.model_factory(folder, self.intra_op_threads, self.precision, self.tolerances)
             model.load()
         except Exception as exc:
-            if _signature(folder) != before:
-                log.info("model %s version %s is still being written (its files changed while it loaded); trying "
-                         "again at the next scan", name, version)
-                return
-            reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
-            # Answers name files inside the store, never where the store is on this machine.
-            for place, shown in ((folder.resolve(), f"{name}/{version}"), (folder, f"{name}/{version}"),
-                                 (self.store.resolve(), "<store>"), (self.store, "<store>")):
-                reason = reason.replace(str(place), shown)
-            self.failures = {**self.failures, (name, version): LoadFailure(name, version, reason, _signature(folder))}
-            metrics.MODEL_LOAD_FAILURES.labels(name, version).inc()
-            metrics.MODEL_LOADED.labels(name, version).set(0)
-            log.error("model %s version %s failed to load: %s", name, version, reason, exc_info=True)
-            return
+            error = exc
         if _signature(folder) != before:
             log.info("model %s version %s is still being written (its files changed while it loaded); trying again "
                      "at the next scan", name, version)
+            return
+        if error is not None:
+            self._fail(name, version, folder, error, before)
             return
         self._signatures[(name, version)] = before
         self.models = {**self.models, name: {**self.models.get(name, {}), version: model}}
@@ -351,6 +351,18 @@ class ModelRegistry:
             log.warning("model %s version %s: %s", name, version, model.refusal)
         log.info("loaded model %s version %s (%s, %s) from %s", name, version, model.precision,
                  _verified_words(model), folder)
+
+    def _fail(self, name: str, version: str, folder: Path, exc: Exception, signature: tuple) -> None:
+        """The version is failed, with its reason; it is tried again when its folder changes."""
+        reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+        # Answers name files inside the store, never where the store is on this machine.
+        for place, shown in ((folder.resolve(), f"{name}/{version}"), (folder, f"{name}/{version}"),
+                             (self.store.resolve(), "<store>"), (self.store, "<store>")):
+            reason = reason.replace(str(place), shown)
+        self.failures = {**self.failures, (name, version): LoadFailure(name, version, reason, signature)}
+        metrics.MODEL_LOAD_FAILURES.labels(name, version).inc()
+        metrics.MODEL_LOADED.labels(name, version).set(0)
+        log.error("model %s version %s failed to load: %s", name, version, reason, exc_info=exc)
 
     def _forget(self, name: str, version: str) -> None:
         """The folder is gone: new requests no longer get this version; those holding it finish on it."""

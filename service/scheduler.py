@@ -105,7 +105,7 @@ class InferenceQueue:
     def admit(self) -> None:
         """Shed now if the queue is full: called before the request body is read, so a flood costs us nothing."""
         if self.unhealthy:
-            raise WorkerUnhealthy(self._unhealthy_message())
+            raise WorkerUnhealthy()
         if len(self.waiting) >= self.max_queue:
             self._shed("queue_full", f"{len(self.waiting)} requests are already waiting for an inference thread "
                                      f"(MAX_QUEUE={self.max_queue}).")
@@ -138,7 +138,7 @@ class InferenceQueue:
     # internals -----------------------------------------------------------------------------------------------------
     def _submit(self, job: Job):
         if self.unhealthy:
-            raise WorkerUnhealthy(self._unhealthy_message())
+            raise WorkerUnhealthy()
         with self.lock:
             if self.free > 0 and not self.waiting:
                 self.free -= 1
@@ -179,7 +179,7 @@ class InferenceQueue:
             release = False  # the thread is still in the call: not this queue's to hand on
             self._trip(job, len(batch))
             for member in batch:
-                member.error = WorkerUnhealthy(self._unhealthy_message())
+                member.error = WorkerUnhealthy()
         except BaseException as error:  # the whole call failed: every member gets the error
             for member in batch:
                 member.error = error
@@ -205,16 +205,11 @@ class InferenceQueue:
             waiting, self.waiting = list(self.waiting), deque()
         for member in waiting:
             metrics.QUEUE_DEPTH.dec()
-            member.error = WorkerUnhealthy(self._unhealthy_message())
+            member.error = WorkerUnhealthy()
             member.state = "done"
             member.event.set()
         if self.on_unhealthy is not None:
             self.on_unhealthy(self.unhealthy)
-
-    @staticmethod
-    def _unhealthy_message() -> str:
-        return ("This worker is out of service: an inference in it got stuck, and it is being replaced. Retry after "
-                "the time in the Retry-After header; another worker or replica will answer.")
 
     def _gather(self, leader: Job) -> list[Job]:
         """The leader and every waiting job with its batch key, oldest first, up to ``max_batch`` items."""

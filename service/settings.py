@@ -208,8 +208,9 @@ class Settings:
                                     "together; 1 = no batching", whole(1))
     QUEUE_TIMEOUT: float = _setting(1.0, "seconds a request may wait for an inference thread before 503 overloaded",
                                     seconds(above=True))
-    # The slowest legitimate request measured on a 2-core Xeon is 1.6 s (a 40 MP WebP, decoded and classified); the
-    # default leaves room for a CPU several times slower or a throttled container before a worker is called stuck.
+    # The slowest legitimate request measured on a 2-core Intel Xeon (AVX-512 VNNI, AMX) is 1.6 s: a 40 MP WebP,
+    # decoded and classified. The default leaves room for a CPU several times slower or a throttled container
+    # before a worker is called stuck.
     INFERENCE_WATCHDOG_SECONDS: float = _setting(10.0, "an inference (decode included) running longer than this per "
                                                        "request in its call marks the worker unhealthy: its requests "
                                                        "get 503 worker_unhealthy and it is replaced (gevent worker)",

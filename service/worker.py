@@ -88,12 +88,9 @@ class ServingWorker(GeventWorker):
         self._stop_accepting()
 
     def _out_of_service(self, reason: str) -> None:
-        from service import metrics
-
         log.error("worker %d out of service: %s; it stops accepting, answers what it holds, and exits", self.pid,
                   reason)
-        metrics.READY.set(0)
-        self.app_state.registry.stop_polling()
+        self.app_state.registry.take_out_of_service(reason)
         self._stop_accepting()
         # run() returns once the accepted requests are answered (idle keep-alive connections: KEEPALIVE at most);
         # this bounds it in any case.

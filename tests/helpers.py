@@ -50,6 +50,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def mount_secret(folder, keys: str, generation: int) -> None:
+    """Write ``keys`` (the file's text) as the kubelet updates a Secret volume: a new timestamped folder, then
+    ``..data`` swapped to it by a rename (atomic), while ``keys`` stays a symlink to ``..data/keys``."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    data = folder / f"..2026_12_03_{generation:02d}"
+    data.mkdir()
+    (data / "keys").write_text(keys)
+    staged = folder / "..data_tmp"
+    staged.symlink_to(data.name)
+    staged.rename(folder / "..data")
+    if not (folder / "keys").is_symlink():
+        (folder / "keys").symlink_to("..data/keys")
+
+
 def wait_until(predicate, what: str, timeout: float = 60.0, interval: float = 0.1):
     """Until ``predicate()`` is true (its value is returned), or an AssertionError naming ``what``."""
     deadline = time.monotonic() + timeout

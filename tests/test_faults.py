@@ -23,7 +23,7 @@ import requests
 from onnx import TensorProto, helper
 
 from service.metadata import sha256_of
-from tests.helpers import GunicornServer, image_bytes, metric_value, wait_until
+from tests.helpers import GunicornServer, image_bytes, metric_value, mount_secret, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -394,11 +394,11 @@ def test_the_metrics_folder_deleted_under_a_running_server(tmp_path):
 
 
 def test_the_archive_is_prometheus_clients_own_format(tmp_path):
-    from prometheus_client.mmap_dict import MmapedDict
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
     from service import metrics_files
 
-    entries = {metrics_files.mmap_key("convserve_requests_total", "convserve_requests_total",
+    entries = {mmap_key("convserve_requests_total", "convserve_requests_total",
                                       ["route"], [f"/v1/{index}"], "help"): float(index) for index in range(300)}
     (tmp_path / "counter_archive.db").write_bytes(metrics_files.encode(entries))
     read = {key: value for key, value, _, _ in MmapedDict.read_all_values_from_file(tmp_path / "counter_archive.db")}
@@ -543,19 +543,6 @@ def test_a_worker_killed_holding_requests_fails_only_those(tmp_path, stall_store
 
 
 # ---- keys and signals -----------------------------------------------------------------------------------------------
-
-def mount_secret(folder: Path, keys: str, generation: int) -> None:
-    """What the kubelet does when a Secret changes: a new timestamped folder, then ``..data`` swapped to it by a
-    rename (atomic), while ``keys`` stays a symlink to ``..data/keys``."""
-    data = folder / f"..2026_12_03_{generation:02d}"
-    data.mkdir()
-    (data / "keys").write_text(keys)
-    staged = folder / "..data_tmp"
-    staged.symlink_to(data.name)
-    staged.rename(folder / "..data")
-    if not (folder / "keys").is_symlink():
-        (folder / "keys").symlink_to("..data/keys")
-
 
 def test_a_rotated_key_takes_effect_without_a_restart(tmp_path):
     secret = tmp_path / "secret"

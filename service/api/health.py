@@ -28,7 +28,7 @@ def liveness():
             "503 with the reason before that, when no model could be loaded, and once a graceful shutdown begins.",
             tags=["health"], responses={200: Readiness, 503: NotReadyStatus})
 def readiness():
-    problem = state().pipeline.queue.unhealthy or state().registry.readiness_problem()
+    problem = state().registry.readiness_problem()
     if problem:
         return reply(NotReadyStatus, {"status": "not ready", "reason": problem}, 503)
     return reply(Readiness, {"status": "ready"})

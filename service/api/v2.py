@@ -44,7 +44,7 @@ def live():
 @documented("Server readiness", "Ready as /readyz is: 200 `{\"ready\": true}`, else 503 `{\"ready\": false}`.",
             tags=["inference", "health"], responses={200: ServerReady, 503: ServerReady})
 def ready():
-    is_ready = state().registry.ready and state().pipeline.queue.unhealthy is None
+    is_ready = state().registry.ready
     return reply(ServerReady, {"ready": is_ready}, 200 if is_ready else 503)
 
 
