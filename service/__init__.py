@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the gunicorn master imports service.settings: keep metrics 
     from service.auth import ApiKeys
     from service.pipeline import InferencePipeline
     from service.registry import ModelRegistry
+    from service.repository import Repository
     from service.settings import Settings
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ class AppState:
     registry: ModelRegistry
     pipeline: InferencePipeline
     api_keys: ApiKeys
+    repository: Repository
 
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
@@ -37,8 +39,10 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     from service.api import StrictJSONProvider, register_api
     from service.auth import ApiKeys, load_keys
+    from service.metrics import MULTIPROCESS_FOLDER
     from service.pipeline import InferencePipeline
     from service.registry import ModelRegistry
+    from service.repository import Repository
     from service.scheduler import InferenceQueue
     from service.settings import Settings
 
@@ -52,11 +56,15 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     registry = registry or ModelRegistry(settings)
     queue = InferenceQueue(settings.inference_threads, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT,
                            settings.BATCH_IMAGES, settings.BODY_BUFFER_BYTES, settings.INFERENCE_WATCHDOG_SECONDS)
+    repository = Repository(registry, MULTIPROCESS_FOLDER, settings.REPOSITORY_TIMEOUT)
     app.extensions["convserve"] = AppState(settings, registry, InferencePipeline(settings, queue),
-                                           ApiKeys(load_keys(settings), watching=settings))
+                                           ApiKeys(load_keys(settings), watching=settings), repository)
     register_api(app, settings)
     if load_models:
+        repository.adopt_state()
         registry.start_loading()
+        if repository.folder is not None:
+            repository.start_watching()
     return app
 
 

@@ -1,6 +1,7 @@
 """API keys: with API_KEYS or API_KEYS_FILE set, every /v1 and /v2 route needs ``Authorization: Bearer <key>`` or
-``X-API-Key: <key>``. Keys are compared in constant time and never logged. Health, metrics, the page and the OpenAPI
-document stay open (probes and Prometheus come from inside the cluster; /v2/health/* too, as KServe probes them).
+``X-API-Key: <key>``, and every gRPC call but health and ServerLive/ServerReady the same as metadata. Keys are
+compared in constant time and never logged. Health, metrics, the page and the OpenAPI document stay open (probes and
+Prometheus come from inside the cluster; /v2/health/* too, as KServe probes them).
 
 API_KEYS_FILE is watched: at most every API_KEYS_REREAD_SECONDS a request checks the file's identity (device, inode,
 size, modification time, through symlinks, so a Kubernetes Secret's ``..data`` swap is seen) and a changed file is
@@ -96,6 +97,11 @@ class ApiKeys:
         """Raise Unauthorized unless the request is open or carries a known key."""
         if method == "OPTIONS" or path in OPEN_PATHS or not path.startswith(PROTECTED_PREFIXES):
             return
+        self.require(headers)
+
+    def require(self, headers) -> None:
+        """Raise Unauthorized unless ``headers`` (anything with a case-insensitive ``get``: HTTP headers, gRPC
+        metadata) carry a known key, when keys are configured."""
         keys = self.current()
         if not keys:
             return

@@ -73,6 +73,28 @@ class VersionNotFound(NotFound):
     code = "version_not_found"
 
 
+class ModelUnloaded(NotFound):
+    """A repository API call unloaded the model; a load call serves it again."""
+
+    code = "model_unloaded"
+
+
+class RepositoryUnavailable(ServiceError):
+    """A repository API call could not reach every worker (the shared control folder, a worker that does not
+    answer)."""
+
+    status = 503
+    code = "repository_unavailable"
+    retry_after = 5
+
+
+class ModelLoadFailed(ServiceError):
+    """A repository load call found the model in the store, but some worker could not serve it."""
+
+    status = 400
+    code = "model_load_failed"
+
+
 class MethodNotAllowed(ServiceError):
     status = 405
     code = "method_not_allowed"

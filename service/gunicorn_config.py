@@ -71,9 +71,26 @@ def on_starting(server):
     except OSError as exc:
         stop([f"convserve: PROMETHEUS_MULTIPROC_DIR={shlex.quote(folder)} is not usable: a folder this user can "
               f"create and empty ({exc.strerror})"])
+    if settings.GRPC_PORT and (problem := _port_taken(settings.HOST, settings.GRPC_PORT)):
+        stop([f"convserve: GRPC_PORT={settings.GRPC_PORT} is not free on {settings.HOST} ({problem}): set another "
+              "port, or GRPC_PORT=0 for no gRPC"])
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # for prometheus_client in the workers, which reads it itself
     _metrics_folder[:] = [folder]
     server.log.info("metrics folder %s", folder)
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be bound, if it cannot. Workers bind it with SO_REUSEPORT, which would let them share it
+    silently with another server of this user's: a plain bind here finds any holder first."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror
+    return None
 
 
 def post_worker_init(worker):
@@ -88,9 +105,10 @@ def post_worker_init(worker):
 def child_exit(server, worker):
     """The exited worker's live gauges go; its counters and histograms join the folder's archive (its size stays
     bounded however many workers have lived: service/metrics_files.py)."""
-    from service import metrics_files
+    from service import metrics_files, repository
 
     metrics_files.compact(_metrics_folder[0], worker.pid)
+    repository.forget_worker(_metrics_folder[0], worker.pid)
 
 
 def on_exit(server):

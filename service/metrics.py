@@ -23,16 +23,36 @@ PREFIX = "convserve"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-REQUESTS = Counter(f"{PREFIX}_requests_total", "HTTP requests by route template, method and status.",
-                   ["route", "method", "status"])
-REQUEST_LATENCY = Histogram(f"{PREFIX}_request_duration_seconds", "HTTP request latency by route template.",
-                            ["route", "method"], buckets=LATENCY_BUCKETS)
+PROTOCOLS = ("http", "grpc")
+# gRPC calls count here too: route is the method's path (/inference.GRPCInferenceService/ModelInfer), method POST,
+# status the HTTP status its gRPC code stands for (service/grpc_server.py), so the same alerts cover both protocols.
+REQUESTS = Counter(f"{PREFIX}_requests_total", "Requests by protocol (http or grpc), route template, method and "
+                   "status.", ["route", "method", "status", "protocol"])
+REQUEST_LATENCY = Histogram(f"{PREFIX}_request_duration_seconds", "Request latency by route template and protocol.",
+                            ["route", "method", "protocol"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge(f"{PREFIX}_requests_in_flight", "Requests being processed now.", multiprocess_mode="livesum")
 PREPROCESS_LATENCY = Histogram(f"{PREFIX}_preprocess_duration_seconds",
                                "Decode and preprocessing time per request batch.", ["model", "version"],
                                buckets=LATENCY_BUCKETS)
 INFERENCE_LATENCY = Histogram(f"{PREFIX}_inference_duration_seconds", "ONNX Runtime time per batch.",
                               ["model", "version"], buckets=LATENCY_BUCKETS)
+# Per model version, what Triton's statistics extension reports (GET /v2/models/{name}/stats, service/statistics.py).
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+MODEL_REQUEST_LATENCY = Histogram(f"{PREFIX}_model_request_duration_seconds", "Inference requests of a model version "
+                                  "(classify and /v2 infer, REST and gRPC), queueing to answer, by outcome (success "
+                                  "or fail).", ["model", "version", "outcome"], buckets=STAGE_BUCKETS)
+STAGE_LATENCY = Histogram(f"{PREFIX}_model_stage_duration_seconds", "Each inference request's time in a stage: queue "
+                          "(waiting for a thread), compute_input (decode and preprocess, or reading the tensor), "
+                          "compute_infer (the ONNX Runtime call it ran in), compute_output (shaping the answer).",
+                          ["model", "version", "stage"], buckets=STAGE_BUCKETS)
+IMAGES_ANSWERED = Counter(f"{PREFIX}_model_images_total", "Images answered by a model version.", ["model", "version"])
+BATCH_EXECUTIONS = Counter(f"{PREFIX}_model_executions_total", "ONNX Runtime calls of a model version, by the number "
+                           "of images in the call.", ["model", "version", "batch_size"])
+BATCH_STAGE_SECONDS = Counter(f"{PREFIX}_model_execution_seconds_total", "Seconds spent per stage in the calls of a "
+                              "batch size (each call counted once).", ["model", "version", "batch_size", "stage"])
+LAST_INFERENCE = Gauge(f"{PREFIX}_model_last_inference_timestamp_seconds", "When a model version last answered "
+                       "(Unix time; the live workers' latest).", ["model", "version"], multiprocess_mode="livemax")
 BATCH_SIZE = Histogram(f"{PREFIX}_batch_size", "Images per inference call.", ["model", "version"],
                        buckets=BATCH_BUCKETS)
 PREDICTIONS = Counter(f"{PREFIX}_predictions_total", "Images classified, by model and predicted label.",
@@ -126,6 +146,8 @@ def record_answers(model: str, version: str, confidence, domain_score, in_domain
 
 
 EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, INFERENCE_LATENCY, BATCH_SIZE,
+                    MODEL_REQUEST_LATENCY, STAGE_LATENCY, IMAGES_ANSWERED, BATCH_EXECUTIONS, BATCH_STAGE_SECONDS,
+                    LAST_INFERENCE,
                     PREDICTIONS, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_LOADED, READY, QUEUE_DEPTH, INFERENCE_THREADS,
                     QUEUE_WAIT, SHED, MODEL_SERVED, AUTH_FAILURES, CONFIDENCE, DOMAIN_SCORE, OUT_OF_DOMAIN, BASELINE,
                     VERIFICATION, VERIFICATION_SECONDS, STORE_ERRORS, STORE_OK, WATCHDOG_TRIPS, API_KEY_RELOADS]

@@ -1,5 +1,6 @@
 """Open Inference Protocol tensors: an inference request's input → a numpy batch or encoded images, and
-a model's answers → the response's outputs (JSON values or the binary tensor extension).
+a model's answers → the response's outputs (JSON values or the binary tensor extension, and the classification
+extension's "score:index:label" strings).
 
 Called by the inference pipeline on an inference thread; the /v2 views only split the HTTP body into its JSON and
 binary parts.
@@ -8,6 +9,7 @@ binary parts.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +23,7 @@ ENCODED_INPUT = "image"  # the BYTES input: not in the ONNX graph, so its name i
 # overflowed the shipped networks to NaN.
 FP32_LIMIT = 1e6
 # name → (OIP datatype, wire dtype, per-image shape): calibrated probabilities and the "none of these" answer.
+CLASSIFIED_OUTPUT = "probabilities"  # the output the classification extension ranks
 OUTPUTS = {
     "probabilities": ("FP32", "<f4", lambda model: [len(model.labels)]),
     "domain_score": ("FP32", "<f4", lambda model: []),
@@ -63,33 +66,84 @@ def output_metadata(model) -> list[dict]:
             for name, (datatype, _, per_image) in OUTPUTS.items()]
 
 
-def response(request: dict, model, answers: Outputs) -> tuple[dict, list[bytes]]:
-    """The response JSON and the binary blobs that follow it (empty unless binary output was asked for).
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+    classification: int | None  # the classification extension: the top k as "score:index:label" strings
+
+
+def image_count(request: dict, max_images: int) -> int:
+    """How many images the request's input holds, as far as its shape says (for batching; checked properly later)."""
+    try:
+        count = int(request["inputs"][0]["shape"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return 1
+    return min(max(count, 1), max_images)
+
+
+def requested_outputs(request: dict, model) -> list[RequestedOutput]:
+    """The outputs to answer with, each as JSON values or binary data, optionally as classification strings.
     Without ``outputs`` in the request, every output is returned."""
     requested = request.get("outputs") or [{"name": name} for name in OUTPUTS]
     if not isinstance(requested, list):
         raise InvalidTensor(f'"outputs" must be a list of {{"name": ...}} with names from {", ".join(OUTPUTS)}.')
-    request_parameters = parameters(request)
-    outputs, blobs = [], []
+    binary_default = parameters(request).get("binary_data_output", False)
+    plan = []
     for output in requested:
         if not isinstance(output, dict) or output.get("name") not in OUTPUTS:
             raise InvalidTensor(f"Outputs are named {', '.join(map(repr, OUTPUTS))}.")
-        name = output["name"]
-        datatype, wire_type, _ = OUTPUTS[name]
-        value = np.asarray(getattr(answers, name))
-        binary = parameters(output).get("binary_data", request_parameters.get("binary_data_output", False))
-        described = {"name": name, "datatype": datatype, "shape": list(value.shape)}
-        if binary:
-            blob = np.ascontiguousarray(value, dtype=wire_type).tobytes()
+        settings = parameters(output)
+        count = settings.get("classification")
+        if count is not None:
+            if output["name"] != CLASSIFIED_OUTPUT:
+                raise InvalidTensor(f"The classification extension applies to {CLASSIFIED_OUTPUT!r} only.")
+            if not _whole(count) or not 1 <= count <= len(model.labels):
+                raise InvalidTensor(f"classification must be a whole number from 1 to {len(model.labels)} (the "
+                                    f"labels of {model.name}); got {count!r}.")
+            count = int(count)
+        plan.append(RequestedOutput(output["name"], bool(settings.get("binary_data", binary_default)), count))
+    return plan
+
+
+def response(request: dict, model, answers: Outputs, plan: list[RequestedOutput]) -> tuple[dict, list[bytes]]:
+    """The response JSON and the binary blobs that follow it (empty unless binary output was asked for)."""
+    outputs, blobs = [], []
+    for output in plan:
+        if output.classification is not None:
+            datatype, value = "BYTES", classified(answers.probabilities, model.labels, output.classification)
+        else:
+            datatype, wire_type, _ = OUTPUTS[output.name]
+            value = np.asarray(getattr(answers, output.name)).astype(wire_type)
+        described = {"name": output.name, "datatype": datatype, "shape": list(value.shape)}
+        if output.binary:
+            blob = bytes_tensor(value.ravel()) if datatype == "BYTES" else np.ascontiguousarray(value).tobytes()
             described["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            described["data"] = value.astype(wire_type).ravel().tolist()
+            described["data"] = value.ravel().tolist()
         outputs.append(described)
     body = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
     if "id" in request:
         body["id"] = request["id"]
     return body, blobs
+
+
+def classified(probabilities: np.ndarray, labels: list[str], count: int) -> np.ndarray:
+    """The classification extension's answer, as Triton gives it: per image, the ``count`` most probable labels,
+    highest first, each "score:index:label"; an object array of shape [N, count]."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :count]
+    return np.array([[f"{row[i]:f}:{i}:{labels[i]}" for i in chosen] for row, chosen in zip(probabilities, order)],
+                    dtype=object).reshape(len(probabilities), count)
+
+
+def bytes_tensor(elements) -> bytes:
+    """BYTES elements in the binary layout of both protocols: each as a 4-byte little-endian length, then itself."""
+    parts = []
+    for element in elements:
+        data = element.encode() if isinstance(element, str) else bytes(element)
+        parts += [struct.pack("<I", len(data)), data]
+    return b"".join(parts)
 
 
 def _whole(value) -> bool:

@@ -8,6 +8,8 @@ inference thread, bounded in how many wait and for how long.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,9 +28,12 @@ class InferencePipeline:
 
     # the entry points: each runs on an inference thread ------------------------------------------------------------
     def classify(self, model: OnnxModel, images: list[bytes], top_k: int | None) -> dict:
-        """Requests for the same model version that wait together share one ONNX Runtime call."""
-        return self.queue.run_batched((model.name, model.version), self._classify_batch, model, images, top_k,
-                                      size=len(images))
+        """Requests for the same model version that wait together share one ONNX Runtime call (/v2 infer too)."""
+        def answer(outputs: Outputs) -> dict:
+            return {"model": model.name, "version": model.version, "precision": model.precision,
+                    "predictions": predictions(model.labels, outputs, top_k)}
+
+        return self._inference(model, lambda: self.preprocess(model, images), answer, len(images))
 
     def inspect(self, model: OnnxModel, image: bytes, class_label: str | None) -> dict:
         return self.queue.run(self._inspect, model, image, class_label)
@@ -37,29 +42,83 @@ class InferencePipeline:
         return self.queue.run(self._filters, model)
 
     def infer(self, model: OnnxModel, request: dict, binary: bytes) -> tuple[dict, list[bytes]]:
-        """An Open Inference Protocol request (its JSON and binary part) → the response JSON and binary blobs."""
-        return self.queue.run(self._infer, model, request, binary)
+        """An Open Inference Protocol request (its JSON and binary part, REST or gRPC alike) → the response JSON and
+        binary blobs. Batched with classify requests for the same version: both become the model's input batch."""
+        images = oip.image_count(request, self.settings.MAX_BATCH_IMAGES)
+        plan: list = []
 
-    # classify -------------------------------------------------------------------------------------------------
-    def _classify_batch(self, requests: list[tuple[OnnxModel, list[bytes], int | None]]) -> list:
-        """Several classify requests → one answer (or the client error of its own images) each, in order."""
-        model = requests[0][0]
+        def prepare() -> np.ndarray:
+            plan.append(oip.requested_outputs(request, model))  # a bad "outputs" fails before the model runs
+            tensor = oip.input_tensor(request, model, binary, self.settings.MAX_BATCH_IMAGES)
+            if isinstance(tensor, np.ndarray):  # FP32, of the model's input shape: input_tensor has checked it
+                return np.ascontiguousarray(tensor, dtype=np.float32)
+            return self.preprocess(model, tensor)  # encoded images, as many as the shape says
+
+        return self._inference(model, prepare, lambda outputs: oip.response(request, model, outputs, plan[0]), images)
+
+    # batched inference ---------------------------------------------------------------------------------------------
+    def _inference(self, model: OnnxModel, prepare: Callable[[], np.ndarray], answer: Callable[[Outputs], Any],
+                   images: int):
+        """One request through the queue, batched with the others waiting for this version; its outcome and time
+        are counted for the statistics (service/statistics.py)."""
+        queued = time.perf_counter()
+        try:
+            result = self.queue.run_batched((model.name, model.version), self._run_batch, model, prepare, answer,
+                                            queued, size=images)
+        except ServiceError:
+            metrics.MODEL_REQUEST_LATENCY.labels(model.name, model.version, "fail").observe(
+                time.perf_counter() - queued)
+            raise
+        metrics.MODEL_REQUEST_LATENCY.labels(model.name, model.version, "success").observe(
+            time.perf_counter() - queued)
+        return result
+
+    def _run_batch(self, requests: list[tuple]) -> list:
+        """Several requests → one answer (or the client error of its own input) each, in order: every request's
+        input is prepared, the good ones run as one ONNX Runtime call, and each shapes its own answer."""
+        model: OnnxModel = requests[0][0]
+        started = time.perf_counter()
+        stages = {stage: metrics.STAGE_LATENCY.labels(model.name, model.version, stage) for stage in metrics.STAGES}
         batches: list[np.ndarray | ServiceError] = []
-        for _, images, _ in requests:
+        for _, prepare, _, queued in requests:
+            stages["queue"].observe(started - queued)
+            began = time.perf_counter()
             try:
-                batches.append(self.preprocess(model, images))
-            except ServiceError as error:  # one request's bad image fails that request only
+                batches.append(prepare())
+            except ServiceError as error:  # one request's bad input fails that request only
                 batches.append(error)
+            stages["compute_input"].observe(time.perf_counter() - began)
+        prepared = time.perf_counter()
         good = [batch for batch in batches if isinstance(batch, np.ndarray)]
         outputs = iter(self.predict(model, np.concatenate(good)).split([len(b) for b in good]) if good else ())
+        inferred = time.perf_counter()
         answers = []
-        for (_, _, top_k), batch in zip(requests, batches):
+        for (_, _, answer, _), batch in zip(requests, batches):
             if isinstance(batch, ServiceError):
                 answers.append(batch)
                 continue
-            answers.append({"model": model.name, "version": model.version, "precision": model.precision,
-                            "predictions": predictions(model.labels, next(outputs), top_k)})
+            began = time.perf_counter()
+            stages["compute_infer"].observe(inferred - prepared)
+            try:
+                answers.append(answer(next(outputs)))
+            except ServiceError as error:
+                answers.append(error)
+            stages["compute_output"].observe(time.perf_counter() - began)
+        if good:
+            self._count_execution(model, sum(len(b) for b in good), prepared - started, inferred - prepared,
+                                  time.perf_counter() - inferred)
         return answers
+
+    @staticmethod
+    def _count_execution(model: OnnxModel, images: int, compute_input: float, compute_infer: float,
+                         compute_output: float) -> None:
+        size = str(images)
+        metrics.BATCH_EXECUTIONS.labels(model.name, model.version, size).inc()
+        for stage, seconds in (("compute_input", compute_input), ("compute_infer", compute_infer),
+                               ("compute_output", compute_output)):
+            metrics.BATCH_STAGE_SECONDS.labels(model.name, model.version, size, stage).inc(seconds)
+        metrics.IMAGES_ANSWERED.labels(model.name, model.version).inc(images)
+        metrics.LAST_INFERENCE.labels(model.name, model.version).set(time.time())
 
     def preprocess(self, model: OnnxModel, images: list[bytes]) -> np.ndarray:
         """Every image's header is read and the request's decoding cost checked (DECODE_BUDGET_BYTES) before any
@@ -147,15 +206,6 @@ class InferencePipeline:
         return {"model": model.name, "version": model.version,
                 "stage": model.metadata.inspection.first_conv, "shape": list(weights.shape),
                 "filters": visualize.filter_grid(weights)}
-
-    # Open Inference Protocol -------------------------------------------------------------------------------------
-    def _infer(self, model: OnnxModel, request: dict, binary: bytes) -> tuple[dict, list[bytes]]:
-        tensor = oip.input_tensor(request, model, binary, self.settings.MAX_BATCH_IMAGES)
-        if isinstance(tensor, np.ndarray):  # FP32, of the model's input shape: input_tensor has checked it
-            outputs = self.predict(model, np.ascontiguousarray(tensor, dtype=np.float32))
-        else:  # encoded images, as many as the shape says: input_tensor has checked that count
-            outputs = self.predict(model, self.preprocess(model, tensor))
-        return oip.response(request, model, outputs)
 
 
 def predictions(labels: list[str], outputs: Outputs, top_k: int | None) -> list[dict]:

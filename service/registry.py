@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import metrics, verification
-from service.errors import ModelNotFound, ModelUnavailable, NotReady, StoreUnavailable, VersionNotFound
+from service.errors import (
+    ModelNotFound,
+    ModelUnavailable,
+    ModelUnloaded,
+    NotReady,
+    StoreUnavailable,
+    VersionNotFound,
+)
 from service.metadata import ModelMetadata, sha256_of
 from service.model import ModelLoadError, OnnxModel
 from service.settings import Settings
@@ -81,6 +88,8 @@ class ModelRegistry:
         self._store_failed_at = 0.0
         self._signatures: dict[tuple[str, str], tuple] = {}  # each loaded version's folder when it loaded
         self._trims_due = 0  # scans left that give memory back after an unload
+        self.unloaded: dict[str, str] = {}  # models a repository API call unloaded → why (service/repository.py)
+        self.in_store: dict[str, list[str]] = {}  # model → versions, as the last readable scan found them
         metrics.STORE_OK.set(1)
 
     # lifecycle -----------------------------------------------------------------------------------------------
@@ -116,7 +125,11 @@ class ModelRegistry:
             for key in sorted(loaded | set(self.failures), key=lambda k: (k[0], version_key(k[1]))):
                 if key not in present:
                     self._forget(*key)
+            self.in_store = {name: sorted((v for n, v in present if n == name), key=version_key)
+                             for name in {n for n, _ in present}}
             for key, folder in present.items():
+                if key[0] in self.unloaded:
+                    continue
                 failure = self.failures.get(key)
                 if key in loaded:
                     self._check_unchanged(key, folder)
@@ -130,6 +143,17 @@ class ModelRegistry:
             if self._trims_due:
                 self._trims_due -= 1
                 _give_memory_back()
+
+    def set_unloaded(self, unloaded: dict[str, str]) -> None:
+        """Models named here stop serving (in-flight requests finish on the model they hold) and are not loaded
+        by any scan until they leave the set; the next rescan loads what the store holds for the others."""
+        with self._scan_lock:
+            self.unloaded = dict(unloaded)
+            for name, version in [(n, v) for n, versions in self.models.items() for v in versions] + list(
+                    self.failures):
+                if name in self.unloaded:
+                    self._forget(name, version, why="unloaded by a repository API call")
+            self._show_served()
 
     def stop_polling(self) -> None:
         self._stop_polling.set()
@@ -172,7 +196,7 @@ class ModelRegistry:
     # lookup ----------------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
         failed = {name for name, _ in self.failures}
-        return sorted(set(self.models) | failed)
+        return sorted(set(self.models) | failed | set(self.unloaded))
 
     def versions(self, name: str) -> list[str]:
         loaded = set(self.models.get(name, {}))
@@ -198,6 +222,9 @@ class ModelRegistry:
                                        "now; retry in a moment.")
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"No model named {name!r}. Available models: {known}.")
+        if name in self.unloaded:
+            raise ModelUnloaded(f"Model {name!r} is unloaded ({self.unloaded[name]}); POST "
+                                f"/v2/repository/models/{name}/load serves it again.")
         if version is None:
             served = self.served(name)
             if served is not None:
@@ -228,6 +255,26 @@ class ModelRegistry:
 
     def loaded_versions(self, name: str) -> list[str]:
         return sorted(self.models.get(name, {}), key=version_key)
+
+    def index(self) -> list[dict]:
+        """Every model and version this worker knows (the store's, as last scanned, and what it holds), each with
+        its state (READY, LOADING, UNAVAILABLE) and, unless ready, why: the repository API's index."""
+        entries = []
+        for name in sorted(set(self.in_store) | set(self.names())):
+            versions = sorted(set(self.in_store.get(name, [])) | set(self.versions(name)), key=version_key)
+            for version in versions:
+                model = self.models.get(name, {}).get(version)
+                failure = self.failures.get((name, version))
+                if name in self.unloaded:
+                    state, reason = "UNAVAILABLE", f"unloaded ({self.unloaded[name]})"
+                elif model is not None:
+                    state, reason = ("READY", "") if model.ready else ("LOADING", "warming up")
+                elif failure is not None:
+                    state, reason = "UNAVAILABLE", failure.reason
+                else:
+                    state, reason = "LOADING", "found in the store; it loads at this worker's next scan"
+                entries.append({"name": name, "version": version, "state": state, "reason": reason})
+        return entries
 
     # descriptions (GET /v1/models...) ------------------------------------------------------------------------------
     def describe(self, name: str) -> dict:
@@ -364,8 +411,9 @@ class ModelRegistry:
         metrics.MODEL_LOADED.labels(name, version).set(0)
         log.error("model %s version %s failed to load: %s", name, version, reason, exc_info=exc)
 
-    def _forget(self, name: str, version: str) -> None:
-        """The folder is gone: new requests no longer get this version; those holding it finish on it."""
+    def _forget(self, name: str, version: str, why: str = "its folder is gone") -> None:
+        """The folder is gone (or the model unloaded): new requests no longer get this version; those holding it
+        finish on it."""
         model = self.models.get(name, {}).get(version)
         if model is not None:
             models = dict(self.models)
@@ -374,7 +422,7 @@ class ModelRegistry:
                 models[name] = remaining
             self.models = models
             metrics.MODEL_INFO.labels(name, version, model.served_file.sha256, model.precision).set(0)
-            log.info("unloaded model %s version %s: its folder is gone", name, version)
+            log.info("unloaded model %s version %s: %s", name, version, why)
             self._trims_due = 2  # now, and once more after the requests holding it have finished
         self.failures = {key: failure for key, failure in self.failures.items() if key != (name, version)}
         self._signatures.pop((name, version), None)
@@ -388,7 +436,8 @@ class ModelRegistry:
             before = self._served_shown.get(name)
             if before is not None and before != now:
                 metrics.MODEL_SERVED.labels(name, before).set(0)
-                log.info("model %s now serves version %s (was %s)", name, now, before)
+                log.info("model %s now serves %s (was version %s)", name,
+                         f"version {now}" if now else "no version", before)
             if now is not None:
                 metrics.MODEL_SERVED.labels(name, now).set(1)
                 self._served_shown[name] = now
@@ -399,7 +448,7 @@ class ModelRegistry:
         return [failure for (n, _), failure in self.failures.items() if n == name]
 
     def _readiness_problem(self) -> str | None:
-        if not self.models:
+        if not self.models and not self.unloaded:
             if self.store_problem:
                 return f"{self.store_problem}; retrying"
             if self.failures:
@@ -410,6 +459,8 @@ class ModelRegistry:
                      if not m.ready]
         if not_ready:
             return "not warmed up: " + ", ".join(not_ready)
+        if self.default_name in self.unloaded:
+            return None  # an operator's choice: the replica keeps serving the other models (and the load call)
         if self.default_name not in self.models:
             return (f"the default model {self.default_name!r} is not loaded (models: {', '.join(self.models)}); "
                     "set DEFAULT_MODEL to one of them")

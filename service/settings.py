@@ -159,6 +159,10 @@ def _setting(default, description: str, allowed: Allowed, shown: str | None = No
 @dataclass(frozen=True)
 class Settings:
     PORT: int = _setting(8080, "TCP port gunicorn listens on", whole(1, 65535))
+    GRPC_PORT: int = _setting(8081, "TCP port of the Open Inference Protocol over gRPC, served by every worker "
+                                    "(SO_REUSEPORT) on HOST; 0 = off", whole(0, 65535))
+    GRPC_MAX_CALLS: int = _setting(96, "gRPC calls a worker handles at once, each on a thread of its own (inference "
+                                       "ones then queue as REST's do); more get RESOURCE_EXHAUSTED at once", whole(1))
     HOST: str = _setting("0.0.0.0", "address gunicorn binds to",
                          text("an IP address or host name, e.g. 0.0.0.0 (every IPv4 interface) or 127.0.0.1", _host))
     MODEL_STORE: Path = _setting(REPO_MODEL_STORE, "folder of <name>/<version>/{model.onnx,inspect.onnx,metadata.json};"
@@ -190,6 +194,9 @@ class Settings:
                                                      "none of these than at export", share())
     VERIFY_MAX_PROBABILITY_DIFFERENCE: float = _setting(0.02, "... or whose largest probability difference from the "
                                                               "FP32 reference grows by more than this", share())
+    REPOSITORY_TIMEOUT: float = _setting(120.0, "seconds a repository load or unload call waits for every worker "
+                                                "to apply it (a load includes loading and verifying the model)",
+                                         seconds(above=True))
     API_KEYS: str = _setting("", "comma-separated API keys; when set (or API_KEYS_FILE), /v1 and /v2 need one",
                              text("any text: keys separated by commas"), shown="(off)")
     API_KEYS_FILE: str = _setting("", "file of API keys, one per line (# comments); what a Kubernetes Secret mounts",

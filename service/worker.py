@@ -14,8 +14,10 @@ Differences from gunicorn's stock gevent worker:
   later: the 503 itself goes out at once, but a client that ignores Retry-After and resends at once cannot keep the
   event loop busy with rejections (which starved inference and health probes of CPU under a 512-connection flood);
 - errors gunicorn answers itself (a bad request line, a URI or headers too long) are JSON like the service's;
-- SIGTERM starts a drain: readiness turns 503 at once, requests are served for DRAIN_SECONDS, then the worker stops
-  accepting and finishes every request it accepted;
+- SIGTERM starts a drain: readiness turns 503 at once (gRPC health NOT_SERVING), requests are served for
+  DRAIN_SECONDS, then the worker stops accepting (HTTP and gRPC) and finishes every request it accepted;
+- with GRPC_PORT, it also serves the Open Inference Protocol over gRPC (service/grpc_server.py) from the same
+  models and inference queue;
 - when the inference watchdog trips (service/scheduler.py), the worker stops accepting, answers what it holds, and
   exits with os._exit: a thread stuck inside ONNX Runtime cannot be stopped any other way. The master replaces it.
 """
@@ -63,10 +65,27 @@ class ServingWorker(GeventWorker):
             state.pipeline.queue.on_unhealthy = self._out_of_service
 
     def run(self):
-        super().run()
         state = self.app_state
+        self.grpc = None
+        if state is not None and state.settings.GRPC_PORT:
+            self._start_grpc(state)
+        super().run()
         if state is not None and state.pipeline.queue.unhealthy:
             self._exit_stuck()
+        if self.grpc is not None:  # its calls in flight finish too
+            self.grpc.stop(self.cfg.graceful_timeout).wait(self.cfg.graceful_timeout)
+
+    def _start_grpc(self, state) -> None:
+        from service.grpc_server import GrpcServer, event_loop_bridge
+
+        settings = state.settings
+        self.grpc = GrpcServer(state, event_loop_bridge())
+        try:
+            self.grpc.start(settings.HOST, settings.GRPC_PORT)
+        except RuntimeError as exc:
+            log.error("convserve: GRPC_PORT=%d cannot be bound on %s (%s): set another port, or 0 for no gRPC",
+                      settings.GRPC_PORT, settings.HOST, exc)
+            sys.exit(3)  # a boot error: the master stops the server rather than restart the worker in a loop
 
     @property
     def app_state(self):
@@ -84,7 +103,8 @@ class ServingWorker(GeventWorker):
         state = self.app_state
         if state is not None:
             state.registry.begin_shutdown()
-        gevent.sleep(max(0.0, Settings.from_env().DRAIN_SECONDS))
+        drain = state.settings.DRAIN_SECONDS if state is not None else Settings.from_env().DRAIN_SECONDS
+        gevent.sleep(max(0.0, drain))
         self._stop_accepting()
 
     def _out_of_service(self, reason: str) -> None:
@@ -104,6 +124,8 @@ class ServingWorker(GeventWorker):
 
     def _stop_accepting(self):
         self.alive = False  # run() closes the listeners, then waits for accepted requests (GRACEFUL_TIMEOUT)
+        if getattr(self, "grpc", None) is not None:
+            self.grpc.stop(self.cfg.graceful_timeout)  # no new calls; those in flight finish
         try:
             os.write(self.PIPE[1], b".")
         except (OSError, AttributeError):

@@ -96,7 +96,7 @@ def wait_for(url: str, status: int = 200, timeout: float = 60.0, process=None) -
 class GunicornServer:
     """The service as deployed: a real gunicorn master with its config file and worker processes."""
 
-    def __init__(self, tmp_path, gunicorn_args: tuple[str, ...] = (), **settings):
+    def __init__(self, tmp_path, gunicorn_args: tuple[str, ...] = (), grpc: bool = False, **settings):
         import os
         import subprocess
         import sys
@@ -110,8 +110,11 @@ class GunicornServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PORT", "WORKERS", "PROMETHEUS"))}
         self.metrics_dir = Path(tmp_path) / f"metrics-{self.port}"
         self.workers = int(settings.get("WORKERS", Settings().WORKERS))
+        # gRPC only where a test asks for it (on a free port of its own): two servers must never share one.
+        self.grpc_port = free_port() if grpc else 0
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         env.update(PORT=str(self.port), HOST="127.0.0.1", LOG_LEVEL="INFO",
-                   PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
+                   PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir), GRPC_PORT=str(self.grpc_port))
         env.update({key: str(value) for key, value in settings.items()})
         gunicorn = Path(sys.executable).parent / "gunicorn"
         self._log = self.log_path.open("wb")

@@ -30,7 +30,7 @@ def test_server_and_health(client):
     assert client.get("/v2").get_json() == {
         "name": "convserve",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data"],
+        "extensions": ["binary_tensor_data", "classification", "model_repository", "statistics"],
     }
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").get_json() == {"ready": True}

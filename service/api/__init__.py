@@ -223,8 +223,8 @@ def _method() -> str:
 def _record_request(response):
     route = _route()
     if route not in UNMETERED_ROUTES:
-        metrics.REQUESTS.labels(route, _method(), str(response.status_code)).inc()
-        metrics.REQUEST_LATENCY.labels(route, _method()).observe(time.perf_counter() - g.started)
+        metrics.REQUESTS.labels(route, _method(), str(response.status_code), "http").inc()
+        metrics.REQUEST_LATENCY.labels(route, _method(), "http").observe(time.perf_counter() - g.started)
     return response
 
 

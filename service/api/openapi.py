@@ -25,7 +25,10 @@ TAGS = {
     "classify": "Classify images (/v1).",
     "inspect": "What the network sees: stages, class activation maps, filters (/v1).",
     "models": "Model and version metadata (/v1).",
-    "inference": "The Open Inference Protocol (KServe v2 REST) with the binary tensor extension (/v2).",
+    "inference": "The Open Inference Protocol (KServe v2 REST) with the binary tensor, classification and statistics "
+                 "extensions (/v2); the same over gRPC on GRPC_PORT.",
+    "repository": "The model repository (Triton's explicit model control): index, load and unload, in every worker "
+                  "(/v2).",
     "health": "Liveness, readiness and metrics.",
     "docs": "The web page, this document and its human-readable form.",
 }
@@ -242,7 +245,9 @@ class _Builder:
 
     def _request_bodies(self) -> dict[str, dict]:
         return {"Images": self._images_body(self.facts.max_images), "Image": self._images_body(1),
-                "InferenceRequest": self._inference_body()}
+                "InferenceRequest": self._inference_body(),
+                "RepositoryIndexRequest": {"required": False, "content": {"application/json": {
+                    "schema": _ref(schemas.RepositoryIndexRequest)}}, "description": "Empty, or options."}}
 
     def _images_body(self, most: int) -> dict:
         from service.preprocessing import FORMAT_NAMES, IMAGE_MEDIA_TYPES
@@ -290,7 +295,8 @@ _PATH_PARAMETERS = {"name": "ModelName", "version": "ModelVersion"}
 _MODELS = tuple(getattr(schemas, name) for name in (
     "Error", "V2Error", "Liveness", "Unhealthy", "Readiness", "NotReadyStatus", "ClassifyResponse", "ImagesRequest",
     "InspectResponse", "FiltersResponse", "VersionDescription", "ModelDescription", "ModelList", "ServerMetadata",
-    "ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "InferenceResponse", "InferenceRequest"))
+    "ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "InferenceResponse", "InferenceRequest",
+    "ModelStatisticsList", "RepositoryIndexRequest", "RepositoryIndex", "RepositoryAnswer"))
 
 
 def _model_schemas() -> dict[str, dict]:

@@ -370,9 +370,11 @@ class InferenceOutput(Body):
     """Exactly one of `data` (JSON) and `parameters` (the binary extension) is present."""
 
     name: OutputName
-    datatype: Literal["FP32", "BOOL"]
+    datatype: Datatype = Field(description="BYTES when the classification extension was asked for.")
     shape: Dims
-    data: list[float] | list[bool] = Field(None, description="The values, flat, row-major.")
+    data: list[float] | list[bool] | list[str] = Field(None, description="The values, flat, row-major; with "
+                                                                         "classification, \"score:index:label\" "
+                                                                         "strings, [N, k].")
     parameters: OutputParameters = Field(None)
 
 
@@ -414,6 +416,8 @@ class BytesInput(RequestBody):
 
 class RequestedOutputParameters(BaseModel):
     binary_data: bool = Field(None, description="Send this output in the binary part of the response.")
+    classification: int = Field(None, ge=1, description="The classification extension (probabilities only): the "
+                                "top k labels per image as BYTES \"score:index:label\" strings, highest first.")
 
 
 class RequestedOutput(RequestBody):
@@ -432,3 +436,62 @@ class InferenceRequest(RequestBody):
     inputs: list[Fp32Input | BytesInput] = Field(min_length=1, max_length=1)
     outputs: list[RequestedOutput] | None = Field(None, description="Default: every output, as JSON.")
     parameters: InferenceParameters | None = None
+
+
+# /v2 extensions: statistics and the model repository (Triton's shapes) ----------------------------------------------
+class Duration(Body):
+    count: int = Field(ge=0)
+    ns: int = Field(ge=0, description="Cumulative nanoseconds.")
+
+
+class InferStatistics(Body):
+    success: Duration = Field(description="Requests answered, queueing to answer.")
+    fail: Duration = Field(description="Requests that failed after reaching the model (shed while queued included).")
+    queue: Duration = Field(description="Waiting for an inference thread.")
+    compute_input: Duration = Field(description="Decode and preprocess, or reading the input tensor.")
+    compute_infer: Duration = Field(description="The ONNX Runtime call each request ran in.")
+    compute_output: Duration = Field(description="Shaping the answer.")
+    cache_hit: Duration = Field(description="Always 0: there is no response cache.")
+    cache_miss: Duration = Field(description="Always 0.")
+
+
+class BatchStatistics(Body):
+    batch_size: int = Field(ge=1, description="Images in one ONNX Runtime call.")
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+
+
+class ModelStatistics(Body):
+    name: str
+    version: str
+    last_inference: int = Field(ge=0, description="Milliseconds since the epoch; 0 if it never answered.")
+    inference_count: int = Field(ge=0, description="Images answered.")
+    execution_count: int = Field(ge=0, description="ONNX Runtime calls (batching makes them fewer than requests).")
+    inference_stats: InferStatistics
+    batch_stats: list[BatchStatistics]
+
+
+class ModelStatisticsList(Body):
+    """Statistics of every worker together, as Triton's statistics extension gives them."""
+
+    model_stats: list[ModelStatistics]
+
+
+class RepositoryIndexRequest(RequestBody):
+    ready: bool = Field(None, description="true: only what is ready now.")
+
+
+class RepositoryModel(Body):
+    name: str
+    version: str
+    state: Literal["READY", "LOADING", "UNAVAILABLE"]
+    reason: str = Field(description="Why, when not READY (empty when READY).")
+
+
+class RepositoryIndex(RootModel[list[RepositoryModel]]):
+    """Every model and version in the store, with its state in this server."""
+
+
+class RepositoryAnswer(Body):
+    """An empty object: the change took effect in every worker."""

@@ -13,14 +13,27 @@ from flask import Blueprint, Response, request
 import service
 from service.api import reply, state
 from service.api.openapi import Reply, documented
-from service.api.schemas import InferenceResponse, ModelMetadata, ModelReady, ServerLive, ServerMetadata, ServerReady
-from service.errors import InvalidJSON, NotReady
+from service.api.schemas import (
+    InferenceResponse,
+    ModelMetadata,
+    ModelReady,
+    ModelStatisticsList,
+    RepositoryAnswer,
+    RepositoryIndex,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+)
+from service.errors import InvalidJSON, ModelUnloaded, NotReady
 from service.inputs import parse_json
 from service.oip import ENCODED_INPUT, output_metadata
 from service.registry import describe_verification
+from service.statistics import model_statistics
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# What ServerMetadata announces, over REST and gRPC alike.
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 
 
 @blueprint.get("")
@@ -28,7 +41,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
             responses={200: ServerMetadata})
 def server_metadata():
     return reply(ServerMetadata, {"name": "convserve", "version": service.__version__,
-                                  "extensions": ["binary_tensor_data"]})
+                                  "extensions": EXTENSIONS})
 
 
 @blueprint.get("/health/live")
@@ -77,7 +90,7 @@ def model_metadata(name: str, version: str | None = None):
 def model_ready(name: str, version: str | None = None):
     try:
         model = state().registry.get(name, version)
-    except NotReady:
+    except (NotReady, ModelUnloaded):
         return reply(ModelReady, {"name": name, "ready": False}, 503)
     return reply(ModelReady, {"name": model.name, "ready": model.ready})
 
@@ -105,6 +118,62 @@ def infer(name: str, version: str | None = None):
     response = Response(json_part + b"".join(blobs), content_type="application/octet-stream")
     response.headers[HEADER_LENGTH] = str(len(json_part))
     return response
+
+
+@blueprint.get("/models/stats")
+@blueprint.get("/models/<name>/stats")
+@blueprint.get("/models/<name>/versions/<version>/stats")
+@documented("Model statistics", "Triton's statistics extension: per model version, counts and cumulative "
+            "nanoseconds of successful and failed requests, queueing, compute input (decode and preprocess), "
+            "compute infer (ONNX Runtime) and compute output, per batch size too; every worker's together. Without "
+            "a name, every loaded model.", tags=["inference"], responses={200: ModelStatisticsList}, errors=(404, 503))
+def statistics(name: str | None = None, version: str | None = None):
+    return reply(ModelStatisticsList, {"model_stats": model_statistics(stats_versions(state().registry, name,
+                                                                                        version))})
+
+
+def stats_versions(registry, name: str | None, version: str | None) -> list[tuple[str, str]]:
+    """The (model, version) pairs a statistics call covers: every loaded version, or those of a model, or one."""
+    if name is None:
+        return [(model.name, model.version) for model in registry.loaded()]
+    if version is not None:
+        model = registry.get(name, version)
+        return [(model.name, model.version)]
+    registry.get(name)  # 404 for an unknown model, with the models there are
+    return [(name, loaded) for loaded in registry.loaded_versions(name)]
+
+
+@blueprint.post("/repository/index")
+@documented("Model repository index", "Every model and version in the store with its state in this server: "
+            "READY, LOADING or UNAVAILABLE, with the reason (a failed load, or an unload). The body may be empty, "
+            "or `{\"ready\": true}` for only what is ready.", tags=["repository"],
+            responses={200: RepositoryIndex}, errors=(400,), body="RepositoryIndexRequest")
+def repository_index():
+    body = request.get_data(cache=False)
+    options = parse_json(body) if body.strip() else {}
+    if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+        raise InvalidJSON('The body must be empty or a JSON object such as {"ready": true}.')
+    return reply(RepositoryIndex, state().repository.index(options.get("ready", False)))
+
+
+@blueprint.post("/repository/models/<name>/load")
+@documented("Load a model", "Every worker scans the store now and loads what it holds for this model (a model "
+            "unloaded before serves again; new versions load without waiting for MODEL_POLL_SECONDS). Answers once "
+            "every worker has finished: 200 when it serves in all of them, 400 with the reason when some could not "
+            "load it.", tags=["repository"], responses={200: RepositoryAnswer}, errors=(400, 404, 503))
+def repository_load(name: str):
+    state().repository.load(name)
+    return reply(RepositoryAnswer, {})
+
+
+@blueprint.post("/repository/models/<name>/unload")
+@documented("Unload a model", "Every worker stops serving this model (requests in flight finish) and no scan loads "
+            "it again until a load call or a restart of the server; the index then says UNAVAILABLE, unloaded. "
+            "Answers once every worker has applied it.", tags=["repository"], responses={200: RepositoryAnswer},
+            errors=(404, 503))
+def repository_unload(name: str):
+    state().repository.unload(name)
+    return reply(RepositoryAnswer, {})
 
 
 def _split_body() -> tuple[dict, bytes]:

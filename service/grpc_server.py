@@ -1,0 +1,342 @@
+"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``, as Triton, KServe and MLServer serve
+it) and the standard health service (``grpc.health.v1.Health``), on GRPC_PORT, in every gunicorn worker.
+
+Each worker runs its own gRPC server on the same port (SO_REUSEPORT: the kernel spreads connections over the
+workers), beside its HTTP server, sharing everything with REST: the models, the inference queue (batching and
+shedding), API keys, metrics and the drain. Why in each worker rather than a worker type of its own: the queue, the
+models and the readiness are per worker, so sharing them needs no copy and no hop between processes; README
+"gRPC" has the measurements.
+
+A call runs on one of the server's GRPC_MAX_CALLS threads (more get RESOURCE_EXHAUSTED from gRPC itself, at once).
+Inference is handed to the worker's event loop, which queues it exactly as a REST request
+(service/scheduler.py): a full queue answers RESOURCE_EXHAUSTED with ``retry-after`` and ``grpc-retry-pushback-ms``
+trailers. Messages are parsed here, not by gRPC, so a message that is not the protocol's answers INVALID_ARGUMENT
+rather than an internal error. Errors map from the service's typed errors (service/errors.py) by HTTP status.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import service
+from service import metrics, oip
+from service.errors import InvalidTensor, Overloaded, ServiceError, Unauthorized
+from service.proto import inference_pb2 as pb
+
+log = logging.getLogger("convserve")
+
+SERVICE = "inference.GRPCInferenceService"  # the protocol's name for it, whatever the .proto's package
+# Health service names a probe may ask for: "" and the inference service are readiness, "liveness" liveness.
+LIVENESS, READINESS = "liveness", "readiness"
+HEALTH_REFRESH_SECONDS = 0.5  # how fresh Watch streams are; Check is computed on each call
+# gRPC code for each HTTP status the service's errors carry; the metric's status label stays the HTTP one.
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+         408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
+
+
+class GrpcServer:
+    """The worker's gRPC server. ``on_loop``: runs a function on the worker's event loop and returns its result
+    (the gevent worker's bridge), or None to call it on the gRPC thread (no event loop: tests)."""
+
+    def __init__(self, state, on_loop=None):
+        self.state = state
+        self.settings = state.settings
+        self.on_loop = on_loop or (lambda function, *args: function(*args))
+        self.health = _Health(self)
+        self.server: grpc.Server | None = None
+        self.port = 0
+        self._refresh_stop = threading.Event()
+        self._methods = {
+            "ServerLive": (pb.ServerLiveRequest, self.server_live, False),
+            "ServerReady": (pb.ServerReadyRequest, self.server_ready, False),
+            "ModelReady": (pb.ModelReadyRequest, self.model_ready, True),
+            "ServerMetadata": (pb.ServerMetadataRequest, self.server_metadata, True),
+            "ModelMetadata": (pb.ModelMetadataRequest, self.model_metadata, True),
+            "ModelInfer": (pb.ModelInferRequest, self.model_infer, True),
+            "ModelStatistics": (pb.ModelStatisticsRequest, self.model_statistics, True),
+            "RepositoryIndex": (pb.RepositoryIndexRequest, self.repository_index, True),
+            "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.repository_load, True),
+            "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_unload, True),
+        }
+
+    # lifecycle -----------------------------------------------------------------------------------------------------
+    def start(self, host: str, port: int) -> int:
+        settings = self.settings
+        calls = settings.GRPC_MAX_CALLS
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._handler(name, *entry))
+                    for name, entry in self._methods.items()}
+        self.server = grpc.server(
+            _RealThreadPool(max_workers=calls, thread_name_prefix="grpc"),
+            handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
+            maximum_concurrent_rpcs=calls,
+            options=[("grpc.so_reuseport", 1),
+                     ("grpc.max_receive_message_length", settings.MAX_UPLOAD_BYTES),
+                     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                     # An idle connection is closed, as REST's keep-alive is, so idle clients cost nothing for long.
+                     ("grpc.max_connection_idle_ms", 300_000),
+                     ("grpc.http2.max_pings_without_data", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self.server.add_insecure_port(address)
+        self.server.start()
+        threading.Thread(target=self._refresh_health, name="grpc-health", daemon=True).start()
+        log.info("gRPC (Open Inference Protocol, grpc.health.v1) on %s", address)
+        return self.port
+
+    def stop(self, grace: float) -> threading.Event:
+        """Refuse new calls, let those in flight finish for ``grace`` seconds; the event is set once stopped."""
+        self._refresh_stop.set()
+        self.health.enter_graceful_shutdown()
+        return self.server.stop(grace)
+
+    def _refresh_health(self) -> None:
+        while not self._refresh_stop.wait(HEALTH_REFRESH_SECONDS):
+            for name in ("", SERVICE, READINESS, LIVENESS):
+                self.health.set(name, self.health.status_of(name))
+
+    # one call ------------------------------------------------------------------------------------------------------
+    def _handler(self, name: str, message_type, method, protected: bool):
+        route = f"/{SERVICE}/{name}"
+
+        def handle(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            status = 200
+            metrics.IN_FLIGHT.inc()
+            try:
+                if protected:
+                    self.state.api_keys.require(_Metadata(context.invocation_metadata()))
+                try:
+                    request = message_type.FromString(raw)
+                except DecodeError:
+                    raise InvalidTensor(f"The message is not a {name} request of the Open Inference "
+                                        "Protocol.") from None
+                return method(request, len(raw)).SerializeToString()
+            except ServiceError as error:
+                status = error.status
+                _abort(context, error)
+            except Exception:
+                status = 500
+                log.exception("unhandled error in gRPC %s", name)
+                context.abort(grpc.StatusCode.INTERNAL, "Internal error; the server log has the details.")
+            finally:
+                metrics.IN_FLIGHT.dec()
+                metrics.REQUESTS.labels(route, "POST", str(status), "grpc").inc()
+                metrics.REQUEST_LATENCY.labels(route, "POST", "grpc").observe(time.perf_counter() - started)
+
+        return handle
+
+    # the methods ---------------------------------------------------------------------------------------------------
+    def server_live(self, request, size: int):
+        return pb.ServerLiveResponse(live=self.state.pipeline.queue.unhealthy is None)
+
+    def server_ready(self, request, size: int):
+        return pb.ServerReadyResponse(ready=self.state.registry.ready)
+
+    def model_ready(self, request, size: int):
+        try:
+            model = self.state.registry.get(_required(request.name, "name"), request.version or None)
+        except ServiceError as error:
+            if error.status == 503 or error.code == "model_unloaded":
+                return pb.ModelReadyResponse(ready=False)
+            raise
+        return pb.ModelReadyResponse(ready=model.ready)
+
+    def server_metadata(self, request, size: int):
+        from service.api.v2 import EXTENSIONS
+
+        return pb.ServerMetadataResponse(name="convserve", version=service.__version__, extensions=EXTENSIONS)
+
+    def model_metadata(self, request, size: int):
+        registry = self.state.registry
+        model = registry.get(_required(request.name, "name"), request.version or None)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=registry.loaded_versions(model.name), platform="onnxruntime_onnx",
+            inputs=[tensor(name=model.input_name, datatype="FP32", shape=model.input_shape),
+                    tensor(name=oip.ENCODED_INPUT, datatype="BYTES", shape=[-1])],
+            outputs=[tensor(**output) for output in oip.output_metadata(model)])
+
+    def model_infer(self, request, size: int):
+        state = self.state
+        model = state.registry.get(_required(request.model_name, "model_name"), request.model_version or None)
+        header, binary = infer_request(request)
+        queue = state.pipeline.queue
+        held = 0
+        try:
+            queue.admit()
+            held = queue.hold_bytes(size)
+            body, blobs = self.on_loop(state.pipeline.infer, model, header, binary)
+        finally:
+            if held:
+                queue.release_bytes(held)
+        return infer_response(body, blobs)
+
+    def model_statistics(self, request, size: int):
+        from service.api.v2 import stats_versions
+        from service.statistics import model_statistics
+
+        versions = stats_versions(self.state.registry, request.name or None, request.version or None)
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(entry) for entry in model_statistics(versions)])
+
+    def repository_index(self, request, size: int):
+        entries = self.state.repository.index(request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
+
+    def repository_load(self, request, size: int):
+        self.state.repository.load(_required(request.model_name, "model_name"))
+        return pb.RepositoryModelLoadResponse()
+
+    def repository_unload(self, request, size: int):
+        self.state.repository.unload(_required(request.model_name, "model_name"))
+        return pb.RepositoryModelUnloadResponse()
+
+
+class _RealThreadPool(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool whose work queue is a real one: the gevent worker patches the queue module (not threads), and
+    gevent's queue blocks forever when a real thread waits on it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:
+            from gevent import monkey
+
+            self._work_queue = monkey.get_original("queue", "SimpleQueue")()
+        except ImportError:
+            pass
+
+
+class _Health(health.HealthServicer):
+    """grpc.health.v1: Check answers from the worker's state at the moment; Watch streams it (refreshed every
+    HEALTH_REFRESH_SECONDS)."""
+
+    def __init__(self, owner: GrpcServer):
+        super().__init__()
+        self.owner = owner
+
+    def status_of(self, name: str):
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        state = self.owner.state
+        if name == LIVENESS:
+            return serving if state.pipeline.queue.unhealthy is None else not_serving
+        if name in ("", SERVICE, READINESS):
+            return serving if state.registry.ready else not_serving
+        return None
+
+    def Check(self, request, context):  # noqa: N802 - the protocol's name
+        status = self.status_of(request.service)
+        if status is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Unknown service {request.service[:100]!r}: ask for '' or "
+                                                     f"{SERVICE!r} (readiness), or 'liveness'.")
+        return health_pb2.HealthCheckResponse(status=status)
+
+
+class _Metadata:
+    """gRPC metadata as the API key check reads headers (names are lower-case in gRPC)."""
+
+    def __init__(self, pairs):
+        self.pairs = {key.lower(): value for key, value in (pairs or ()) if isinstance(value, str)}
+
+    def get(self, name: str, default: str = "") -> str:
+        return self.pairs.get(name.lower(), default)
+
+
+# the protocol's messages ↔ the service's requests (service/oip.py reads and answers both protocols) ---------------
+def infer_request(message) -> tuple[dict, bytes]:
+    """A ModelInferRequest as /v2's JSON request and binary part: raw contents, or typed contents made raw."""
+    if len(message.inputs) != 1:
+        raise InvalidTensor("Expected exactly one input tensor: FP32 \"input\" [N,3,H,W] or BYTES \"image\" [N].")
+    if message.raw_input_contents and len(message.raw_input_contents) != len(message.inputs):
+        raise InvalidTensor("raw_input_contents must hold one entry per input.")
+    tensor = message.inputs[0]
+    if message.raw_input_contents:
+        binary = message.raw_input_contents[0]
+    elif tensor.datatype == "FP32":
+        binary = np.asarray(tensor.contents.fp32_contents, dtype="<f4").tobytes()
+    elif tensor.datatype == "BYTES":
+        binary = oip.bytes_tensor(tensor.contents.bytes_contents)
+    else:
+        binary = b""
+    entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+             "parameters": {"binary_data_size": len(binary)}}
+    request = {"inputs": [entry], "parameters": {"binary_data_output": True}}
+    if message.outputs:
+        request["outputs"] = [{"name": output.name, "parameters": {
+            "binary_data": True, **{key: _value(value) for key, value in output.parameters.items()
+                                    if key == "classification"}}} for output in message.outputs]
+    if message.id:
+        request["id"] = message.id
+    return request, binary
+
+
+def infer_response(body: dict, blobs: list[bytes]):
+    tensor = pb.ModelInferResponse.InferOutputTensor
+    response = pb.ModelInferResponse(
+        model_name=body["model_name"], model_version=body["model_version"], id=body.get("id", ""),
+        outputs=[tensor(name=o["name"], datatype=o["datatype"], shape=o["shape"]) for o in body["outputs"]])
+    response.raw_output_contents.extend(blobs)
+    return response
+
+
+def _value(parameter):
+    kind = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, kind) if kind else None
+
+
+def _statistics(entry: dict):
+    stats = entry["inference_stats"]
+    return pb.ModelStatistics(
+        name=entry["name"], version=entry["version"], last_inference=entry["last_inference"],
+        inference_count=entry["inference_count"], execution_count=entry["execution_count"],
+        inference_stats=pb.InferStatistics(**{k: pb.StatisticDuration(**v) for k, v in stats.items()}),
+        batch_stats=[pb.InferBatchStatistics(batch_size=b["batch_size"], **{
+            k: pb.StatisticDuration(**b[k]) for k in ("compute_input", "compute_infer", "compute_output")})
+            for b in entry["batch_stats"]])
+
+
+def _required(value: str, field: str) -> str:
+    if not value:
+        raise InvalidTensor(f"{field} is required: name a model (GET /v1/models lists them).")
+    return value
+
+
+def _abort(context: grpc.ServicerContext, error: ServiceError) -> None:
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, Overloaded) else CODES.get(
+        error.status, grpc.StatusCode.INVALID_ARGUMENT if error.status < 500 else grpc.StatusCode.UNAVAILABLE)
+    if error.retry_after is not None:
+        context.set_trailing_metadata((("retry-after", str(error.retry_after)),
+                                       ("grpc-retry-pushback-ms", str(int(error.retry_after * 1000)))))
+    if isinstance(error, Unauthorized):
+        log.info("gRPC call refused: %s", error.message)
+    context.abort(code, error.message)
+
+
+def event_loop_bridge():
+    """In a gevent worker: a function that runs ``function(*args)`` in a greenlet of this thread's event loop from
+    any thread, and waits for its result there (so inference queues with REST's requests, on the same loop)."""
+    import gevent
+
+    loop = gevent.get_hub().loop
+
+    def on_loop(function, *args):
+        outcome: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                outcome.set_result(function(*args))
+            except BaseException as error:  # noqa: BLE001 - handed back to the gRPC thread, which raises it
+                outcome.set_exception(error)
+
+        loop.run_callback_threadsafe(gevent.spawn, run)
+        return outcome.result()
+
+    return on_loop
