@@ -10,7 +10,7 @@ PRESET     ?= default
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-image lint bench train image clean cluster cluster-roll
+.PHONY: help serve test test-image lint bench train image clean cluster cluster-roll proto
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ bench: $(VENV)/.dev  ## load-test the service as deployed; writes bench/results/
 
 train: $(VENV)/.dev  ## train the default model on DATA (+ EXTRA_DATA); PRESET=fast|lenet for others
 	$(BIN)/python -m training train --data $(DATA) --extra-data $(EXTRA_DATA) --preset $(PRESET)
+
+proto: $(VENV)/.dev  ## regenerate service/proto/inference_pb2.py(i) from inference.proto (grpcio-tools)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. service/proto/inference.proto
 
 image: ## build the container image (docker if present, else buildah)
 	bash deploy/build-image.sh

@@ -1,0 +1,229 @@
+"""The Open Inference Protocol over gRPC, tested with the clients users have: tritonclient.grpc (binary tensors,
+metadata, health, repository, statistics, class_count) and the standard grpc.health.v1 stub, against a real gunicorn
+with two workers, with and without API keys. The answers must be REST's for the same images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import REPO
+from tests.helpers import GunicornServer, image_bytes, wait_until
+
+pytestmark = pytest.mark.slow
+
+KEY = "grpc-test-key"
+IMAGES = [image_bytes(seed=seed) for seed in range(5)]
+
+
+def test_the_generated_code_matches_the_proto(tmp_path):
+    """service/proto/inference_pb2.py(i) are what `make proto` writes from inference.proto today."""
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={tmp_path}",
+                    f"--pyi_out={tmp_path}", "service/proto/inference.proto"], cwd=REPO, check=True)
+    for name in ("inference_pb2.py", "inference_pb2.pyi"):
+        assert (tmp_path / "service/proto" / name).read_text() == (REPO / "service/proto" / name).read_text(), \
+            f"service/proto/{name} is stale: run make proto"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = GunicornServer(tmp_path_factory.mktemp("grpc"), grpc=True, WORKERS=2, MODEL_POLL_SECONDS=0)
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    running = GunicornServer(tmp_path_factory.mktemp("grpc-keys"), grpc=True, WORKERS=1, MODEL_POLL_SECONDS=0,
+                             API_KEYS=KEY)
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+def bytes_input(images: list[bytes]) -> triton.InferInput:
+    tensor = triton.InferInput("image", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object))
+    return tensor
+
+
+def rest_probabilities(server, model: str, images: list[bytes]) -> np.ndarray:
+    files = [("image", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    answer = requests.post(f"{server.url}/v1/models/{model}/classify", files=files, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return np.array([list(p["probabilities"].values()) for p in answer.json()["predictions"]])
+
+
+def test_health_and_metadata(server):
+    client = triton.InferenceServerClient(server.grpc_target)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("lenet") and client.is_model_ready("convnet", "7")
+    metadata = client.get_server_metadata()
+    assert metadata.name == "convserve"
+    assert {"binary_tensor_data", "classification", "model_repository", "statistics"} <= set(metadata.extensions)
+    model = client.get_model_metadata("lenet", as_json=True)
+    rest = requests.get(f"{server.url}/v2/models/lenet", timeout=10).json()
+    assert model["versions"] == rest["versions"] and model["platform"] == rest["platform"]
+    assert model["outputs"] == [{**o, "shape": [str(d) for d in o["shape"]]} for o in rest["outputs"]]
+    assert [i["name"] for i in model["inputs"]] == ["input", "image"]
+    with pytest.raises(InferenceServerException) as unknown:
+        client.get_model_metadata("nosuchmodel")
+    assert "StatusCode.NOT_FOUND" in unknown.value.status() and "Available models" in unknown.value.message()
+
+
+def test_infer_bytes_and_fp32_give_rests_answers(server):
+    client = triton.InferenceServerClient(server.grpc_target)
+    answer = client.infer("lenet", [bytes_input(IMAGES)], request_id="req-1")
+    assert answer.get_response().id == "req-1" and answer.get_response().model_version == "3"
+    probabilities = answer.as_numpy("probabilities")
+    assert probabilities.shape == (len(IMAGES), 4)
+    np.testing.assert_allclose(probabilities, rest_probabilities(server, "lenet", IMAGES), atol=1e-6)
+    assert answer.as_numpy("in_domain").dtype == bool and answer.as_numpy("domain_score").shape == (len(IMAGES),)
+    # FP32, preprocessed as the metadata says: the same numbers as REST's /v2 for the same tensor
+    tensor = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    fp32 = triton.InferInput("input", list(tensor.shape), "FP32")
+    fp32.set_data_from_numpy(tensor)
+    over_grpc = client.infer("lenet", [fp32], outputs=[triton.InferRequestedOutput("probabilities")])
+    assert [o.name for o in over_grpc.get_response().outputs] == ["probabilities"]
+    rest = requests.post(f"{server.url}/v2/models/lenet/infer", timeout=10, json={"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": list(tensor.shape), "data": tensor.ravel().tolist()}]}).json()
+    np.testing.assert_allclose(over_grpc.as_numpy("probabilities").ravel(), rest["outputs"][0]["data"], atol=1e-6)
+
+
+def test_class_count_answers_top_k_as_triton_does(server):
+    client = triton.InferenceServerClient(server.grpc_target)
+    answer = client.infer("lenet", [bytes_input(IMAGES[:2])],
+                          outputs=[triton.InferRequestedOutput("probabilities", class_count=2)])
+    ranked = answer.as_numpy("probabilities")
+    assert ranked.shape == (2, 2)
+    labels = requests.get(f"{server.url}/v2/models/lenet", timeout=10).json()["parameters"]["labels"]
+    expected = rest_probabilities(server, "lenet", IMAGES[:2])
+    for row, probabilities in zip(ranked, expected):
+        scores = [entry.decode().split(":") for entry in row]
+        order = np.argsort(-probabilities, kind="stable")[:2]
+        assert [int(index) for _, index, _ in scores] == list(order)
+        assert [label for _, _, label in scores] == [labels[i] for i in order]
+        np.testing.assert_allclose([float(score) for score, _, _ in scores], probabilities[order], atol=1e-6)
+    with pytest.raises(InferenceServerException) as wrong:
+        client.infer("lenet", [bytes_input(IMAGES[:1])],
+                     outputs=[triton.InferRequestedOutput("probabilities", class_count=9)])
+    assert "INVALID_ARGUMENT" in wrong.value.status() and "classification" in wrong.value.message()
+
+
+def test_statistics_count_every_worker(server):
+    client = triton.InferenceServerClient(server.grpc_target)
+    before = client.get_inference_statistics("convnet", as_json=True)["model_stats"][0]
+    for _ in range(6):  # new channels: the calls spread over both workers
+        triton.InferenceServerClient(server.grpc_target).infer("convnet", [bytes_input(IMAGES[:2])])
+    after = client.get_inference_statistics("convnet", "7", as_json=True)["model_stats"][0]
+    success = int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"].get(
+        "success", {}).get("count", 0))
+    assert success == 6
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 12
+    for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert int(after["inference_stats"][stage]["count"]) >= 6 and int(after["inference_stats"][stage]["ns"]) > 0
+    assert sum(int(b["compute_infer"]["count"]) for b in after["batch_stats"]) == int(after["execution_count"])
+    rest = requests.get(f"{server.url}/v2/models/convnet/versions/7/stats", timeout=10).json()["model_stats"][0]
+    assert rest["inference_count"] >= int(after["inference_count"])  # REST and gRPC read the same figures
+    every = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert {(s["name"], s["version"]) for s in every} == {("convnet", "7"), ("lenet", "3")}
+
+
+def test_repository_index_unload_and_load(server):
+    client = triton.InferenceServerClient(server.grpc_target)
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert {(m["name"], m["version"], m["state"]) for m in index} == {("convnet", "7", "READY"),
+                                                                      ("lenet", "3", "READY")}
+    client.unload_model("lenet")
+    try:
+        # every worker, on channels of their own (SO_REUSEPORT spreads new connections over the workers)
+        assert not any(triton.InferenceServerClient(server.grpc_target).is_model_ready("lenet") for _ in range(8))
+        entry = next(m for m in client.get_model_repository_index(as_json=True)["models"] if m["name"] == "lenet")
+        assert entry["state"] == "UNAVAILABLE" and "unloaded" in entry["reason"]
+        with pytest.raises(InferenceServerException) as unloaded:
+            client.infer("lenet", [bytes_input(IMAGES[:1])])
+        assert "NOT_FOUND" in unloaded.value.status() and "/load" in unloaded.value.message()
+        assert client.is_server_ready()  # the default model still serves
+    finally:
+        client.load_model("lenet")
+    assert all(triton.InferenceServerClient(server.grpc_target).is_model_ready("lenet") for _ in range(8))
+    assert client.infer("lenet", [bytes_input(IMAGES[:1])]).as_numpy("probabilities").shape == (1, 4)
+    with pytest.raises(InferenceServerException) as missing:
+        client.load_model("nosuchmodel")
+    assert "NOT_FOUND" in missing.value.status()
+
+
+def test_standard_health_service(server):
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.grpc_target))
+    for service in ("", "inference.GRPCInferenceService", "readiness", "liveness"):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as unknown:
+        stub.Check(health_pb2.HealthCheckRequest(service="nonsense"), timeout=5)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_api_keys_over_grpc(keyed):
+    anonymous = triton.InferenceServerClient(keyed.grpc_target)
+    assert anonymous.is_server_live() and anonymous.is_server_ready()  # open, as /v2/health/* are
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(keyed.grpc_target))
+    assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    for call in (lambda: anonymous.get_model_metadata("lenet"),
+                 lambda: anonymous.infer("lenet", [bytes_input(IMAGES[:1])]),
+                 lambda: anonymous.get_model_repository_index(), lambda: anonymous.unload_model("lenet"),
+                 lambda: anonymous.get_inference_statistics()):
+        with pytest.raises(InferenceServerException) as refused:
+            call()
+        assert "UNAUTHENTICATED" in refused.value.status()
+    with pytest.raises(InferenceServerException):
+        anonymous.infer("lenet", [bytes_input(IMAGES[:1])], headers={"authorization": "Bearer wrong"})
+    for headers in ({"authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}):
+        answer = anonymous.infer("lenet", [bytes_input(IMAGES[:1])], headers=headers)
+        assert answer.as_numpy("probabilities").shape == (1, 4)
+        assert anonymous.get_model_repository_index(headers=headers).models
+        assert anonymous.get_inference_statistics("lenet", headers=headers).model_stats
+    assert triton.InferenceServerClient(keyed.grpc_target).is_model_ready("lenet", headers={"x-api-key": KEY})
+
+
+def test_grpc_counts_in_the_request_metrics(server):
+    triton.InferenceServerClient(server.grpc_target).infer("lenet", [bytes_input(IMAGES[:1])])
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    assert ('convserve_requests_total{method="POST",protocol="grpc",route="/inference.GRPCInferenceService/ModelInfer"'
+            ',status="200"}') in text
+
+
+def test_a_drain_turns_grpc_health_not_serving_then_stops(tmp_path):
+    running = GunicornServer(tmp_path, grpc=True, WORKERS=1, MODEL_POLL_SECONDS=0, DRAIN_SECONDS=3,
+                             DEFAULT_MODEL="lenet")
+    running.wait_ready()
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(running.grpc_target))
+    client = triton.InferenceServerClient(running.grpc_target)
+    try:
+        running.process.send_signal(15)
+        wait_until(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                   == health_pb2.HealthCheckResponse.NOT_SERVING, "gRPC health NOT_SERVING", timeout=5)
+        assert not client.is_server_ready()
+        # still answering while it drains
+        assert client.infer("lenet", [bytes_input(IMAGES[:1])]).as_numpy("probabilities").shape == (1, 4)
+        running.process.wait(timeout=30)
+    finally:
+        running.stop()
+    assert "Traceback" not in running.log()
+
+
+def test_a_taken_grpc_port_stops_the_start_with_one_line(tmp_path, server):
+    taken = GunicornServer(tmp_path, WORKERS=1, GRPC_PORT=server.grpc_port)
+    assert taken.process.wait(timeout=30) != 0
+    lines = [line for line in taken.log().splitlines() if "GRPC_PORT" in line]
+    assert lines and "is not free" in lines[0] and "Traceback" not in taken.log()
+    assert Path(taken.log_path).exists()
