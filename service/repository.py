@@ -27,9 +27,12 @@ import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.errors import ModelLoadFailed, ModelNotFound, RepositoryUnavailable
-from service.registry import ModelRegistry
+
+if TYPE_CHECKING:  # the gunicorn master imports this module (forget_worker): keep metrics and models out of it
+    from service.registry import ModelRegistry
 
 log = logging.getLogger("convserve")
 
@@ -76,7 +79,8 @@ class Repository:
 
     def load(self, name: str) -> None:
         """Every worker scans now; ModelNotFound if the store has no such model, ModelLoadFailed (with each
-        worker's reason) if some worker does not serve it after the scan."""
+        worker's reason) if some worker does not serve it after the scan or a version of it failed to load (a
+        version that loaded before then still serves)."""
         reports = self._change(lambda unloaded: {key: why for key, why in unloaded.items() if key != name})
         if not any(name in report["in_store"] for report in reports.values()):
             raise ModelNotFound(f"No model named {name!r} in the store (MODEL_STORE); publish it there first.")
@@ -165,11 +169,13 @@ class Repository:
         for name in set(registry.in_store) | set(registry.names()):
             if name in registry.unloaded:
                 models[name] = f"unloaded ({registry.unloaded[name]})"
-            elif registry.served(name) is not None:
-                models[name] = ""
             else:
                 failures = [f"v{f.version}: {f.reason}" for f in registry.failures.values() if f.name == name]
-                models[name] = "; ".join(failures) or registry.store_problem or "no version loaded"
+                serves = registry.served(name)
+                if failures and serves is not None:
+                    failures.append(f"v{serves.version} serves meanwhile")
+                models[name] = "; ".join(failures) or ("" if serves is not None else registry.store_problem
+                                                       or "no version loaded")
         return {"in_store": sorted(registry.in_store), "models": models}
 
     def _read_state(self) -> dict:
