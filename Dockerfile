@@ -63,8 +63,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /app
 USER 10001:10001
-# The default PORT (tests/test_deploy.py checks it).
-EXPOSE 8080
+# The default PORT and GRPC_PORT (tests/test_deploy.py checks them).
+EXPOSE 8080 8081
 # Ready = models loaded and warmed; needs no curl; the port as the service reads it. (Kubernetes ignores HEALTHCHECK
 # and uses its own probes.)
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

