@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.inprocess import in_process_worker  # noqa: E402
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
-from bench.protocols import compare  # noqa: E402
+from bench.protocols import compare, grpc_overload  # noqa: E402
 from bench.soak import soak  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
 from service.settings import Settings, available_cpus  # noqa: E402
@@ -194,13 +194,21 @@ def main(argv: list[str] | None = None) -> int:
     return write_results(results, args.out)
 
 
-def protocol_cases(work: Path, images, args) -> list[dict]:
+def protocol_cases(work: Path, images, args) -> dict:
     """/v2 infer over REST and gRPC on one server (gevent workers, as shipped), the same images as binary tensors."""
     (work / "protocols").mkdir(exist_ok=True)
     server = GunicornServer(work / "protocols", grpc=True, WORKERS=args.workers)
     try:
         server.wait_ready()
-        return compare(work / "protocols", server, args.model, images, connections_of(args), args.seconds)
+        rows = compare(work / "protocols", server, args.model, images, connections_of(args), args.seconds)
+        photo = images["1920x1080 JPEG"][0]
+        with HealthProbe(server.port, settle_s=2.0) as probe:
+            flood = grpc_overload(server, args.model, photo, seconds=max(10.0, args.seconds))
+        flood["health"] = probe.summary()
+        print(f"  gRPC overload, {flood['outstanding']} calls in flight, 1920x1080 JPEG, {flood['deadline_s']:g} s "
+              f"deadline: {flood['outcomes']}; shed p50 {flood['shed_p50_ms']} ms, p99 {flood['shed_p99_ms']} ms; "
+              f"/healthz p99 {flood['health']['/healthz']['p99_ms']} ms", flush=True)
+        return {"rows": rows, "overload": flood}
     finally:
         server.stop()
 
@@ -396,11 +404,15 @@ def print_table(results: dict) -> None:
         print("\n| /v2 infer, binary tensors | connections | REST ok/s | REST p50 ms | gRPC ok/s | gRPC p50 ms | "
               "gRPC not OK | gRPC / REST |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for row in results["protocols"]:
+        for row in results["protocols"]["rows"]:
             rest, over_grpc = row["rest"], row["grpc"]
             print(f"| {row['image']} | {row['connections']} | {rest['ok_per_s']:.0f} | {rest['p50_ms']:.2f} | "
                   f"{over_grpc['ok_per_s']:.0f} | {over_grpc['p50_ms']:.2f} | {over_grpc['failed']} | "
                   f"{row['grpc_over_rest']:.2f} |")
+        flood = results["protocols"]["overload"]
+        print(f"gRPC overload ({flood['outstanding']} calls in flight, 1920x1080 JPEG, {flood['deadline_s']:g} s "
+              f"deadlines): {flood['outcomes']}, {flood['deadline_exceeded']} past their deadline; RESOURCE_EXHAUSTED "
+              f"answered in p50 {flood['shed_p50_ms']} ms, p99 {flood['shed_p99_ms']} ms")
     print("\nsingle-image ONNX Runtime latency, 1 thread (median): " + "; ".join(
         f"{name} " + ", ".join(f"{key} {value}" for key, value in figures.items())
         for name, figures in results["onnx_latency_ms"].items()))

@@ -36,7 +36,8 @@ log = logging.getLogger("convserve")
 SERVICE = "inference.GRPCInferenceService"  # the protocol's name for it, whatever the .proto's package
 # Health service names a probe may ask for: "" and the inference service are readiness, "liveness" liveness.
 LIVENESS, READINESS = "liveness", "readiness"
-HEALTH_REFRESH_SECONDS = 0.5  # how fresh Watch streams are; Check is computed on each call
+HEALTH_REFRESH_SECONDS = 0.5
+DEADLINE_SHARE_FOR_QUEUEING = 0.5  # how fresh Watch streams are; Check is computed on each call
 # gRPC code for each HTTP status the service's errors carry; the metric's status label stays the HTTP one.
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
@@ -120,7 +121,7 @@ class GrpcServer:
                 except DecodeError:
                     raise InvalidTensor(f"The message is not a {name} request of the Open Inference "
                                         "Protocol.") from None
-                return method(request, len(raw)).SerializeToString()
+                return method(request, len(raw), context).SerializeToString()
             except ServiceError as error:
                 status = error.status
                 _abort(context, error)
@@ -136,13 +137,13 @@ class GrpcServer:
         return handle
 
     # the methods ---------------------------------------------------------------------------------------------------
-    def server_live(self, request, size: int):
+    def server_live(self, request, size: int, context):
         return pb.ServerLiveResponse(live=self.state.pipeline.queue.unhealthy is None)
 
-    def server_ready(self, request, size: int):
+    def server_ready(self, request, size: int, context):
         return pb.ServerReadyResponse(ready=self.state.registry.ready)
 
-    def model_ready(self, request, size: int):
+    def model_ready(self, request, size: int, context):
         try:
             model = self.state.registry.get(_required(request.name, "name"), request.version or None)
         except ServiceError as error:
@@ -151,12 +152,12 @@ class GrpcServer:
             raise
         return pb.ModelReadyResponse(ready=model.ready)
 
-    def server_metadata(self, request, size: int):
+    def server_metadata(self, request, size: int, context):
         from service.api.v2 import EXTENSIONS
 
         return pb.ServerMetadataResponse(name="convserve", version=service.__version__, extensions=EXTENSIONS)
 
-    def model_metadata(self, request, size: int):
+    def model_metadata(self, request, size: int, context):
         registry = self.state.registry
         model = registry.get(_required(request.name, "name"), request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -166,7 +167,7 @@ class GrpcServer:
                     tensor(name=oip.ENCODED_INPUT, datatype="BYTES", shape=[-1])],
             outputs=[tensor(**output) for output in oip.output_metadata(model)])
 
-    def model_infer(self, request, size: int):
+    def model_infer(self, request, size: int, context):
         state = self.state
         model = state.registry.get(_required(request.model_name, "model_name"), request.model_version or None)
         header, binary = infer_request(request)
@@ -175,28 +176,28 @@ class GrpcServer:
         try:
             queue.admit()
             held = queue.hold_bytes(size)
-            body, blobs = self.on_loop(state.pipeline.infer, model, header, binary)
+            body, blobs = self.on_loop(state.pipeline.infer, model, header, binary, _patience(context))
         finally:
             if held:
                 queue.release_bytes(held)
         return infer_response(body, blobs)
 
-    def model_statistics(self, request, size: int):
+    def model_statistics(self, request, size: int, context):
         from service.api.v2 import stats_versions
         from service.statistics import model_statistics
 
         versions = stats_versions(self.state.registry, request.name or None, request.version or None)
         return pb.ModelStatisticsResponse(model_stats=[_statistics(entry) for entry in model_statistics(versions)])
 
-    def repository_index(self, request, size: int):
+    def repository_index(self, request, size: int, context):
         entries = self.state.repository.index(request.ready)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
 
-    def repository_load(self, request, size: int):
+    def repository_load(self, request, size: int, context):
         self.state.repository.load(_required(request.model_name, "model_name"))
         return pb.RepositoryModelLoadResponse()
 
-    def repository_unload(self, request, size: int):
+    def repository_unload(self, request, size: int, context):
         self.state.repository.unload(_required(request.model_name, "model_name"))
         return pb.RepositoryModelUnloadResponse()
 
@@ -301,6 +302,13 @@ def _statistics(entry: dict):
         batch_stats=[pb.InferBatchStatistics(batch_size=b["batch_size"], **{
             k: pb.StatisticDuration(**b[k]) for k in ("compute_input", "compute_infer", "compute_output")})
             for b in entry["batch_stats"]])
+
+
+def _patience(context) -> float | None:
+    """How long the call may wait in the queue: most of what its deadline leaves (the rest is for the work and the
+    answer), so a busy server answers RESOURCE_EXHAUSTED before the client gives up, never DEADLINE_EXCEEDED."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e6 else max(0.0, remaining * DEADLINE_SHARE_FOR_QUEUEING)
 
 
 def _required(value: str, field: str) -> str:

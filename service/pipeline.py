@@ -41,7 +41,8 @@ class InferencePipeline:
     def filters(self, model: OnnxModel) -> dict:
         return self.queue.run(self._filters, model)
 
-    def infer(self, model: OnnxModel, request: dict, binary: bytes) -> tuple[dict, list[bytes]]:
+    def infer(self, model: OnnxModel, request: dict, binary: bytes,
+              patience: float | None = None) -> tuple[dict, list[bytes]]:
         """An Open Inference Protocol request (its JSON and binary part, REST or gRPC alike) → the response JSON and
         binary blobs. Batched with classify requests for the same version: both become the model's input batch."""
         images = oip.image_count(request, self.settings.MAX_BATCH_IMAGES)
@@ -54,17 +55,18 @@ class InferencePipeline:
                 return np.ascontiguousarray(tensor, dtype=np.float32)
             return self.preprocess(model, tensor)  # encoded images, as many as the shape says
 
-        return self._inference(model, prepare, lambda outputs: oip.response(request, model, outputs, plan[0]), images)
+        return self._inference(model, prepare, lambda outputs: oip.response(request, model, outputs, plan[0]), images,
+                               patience)
 
     # batched inference ---------------------------------------------------------------------------------------------
     def _inference(self, model: OnnxModel, prepare: Callable[[], np.ndarray], answer: Callable[[Outputs], Any],
-                   images: int):
+                   images: int, patience: float | None = None):
         """One request through the queue, batched with the others waiting for this version; its outcome and time
         are counted for the statistics (service/statistics.py)."""
         queued = time.perf_counter()
         try:
             result = self.queue.run_batched((model.name, model.version), self._run_batch, model, prepare, answer,
-                                            queued, size=images)
+                                            queued, size=images, patience=patience)
         except ServiceError:
             metrics.MODEL_REQUEST_LATENCY.labels(model.name, model.version, "fail").observe(
                 time.perf_counter() - queued)

@@ -52,10 +52,12 @@ class Job:
     """One request's work. ``state``: waiting → leading (it runs, with any batch it gathered) or batched (a leader
     runs it) → done. Its event is set when it may lead or when its result is ready."""
 
-    __slots__ = ("batch_key", "size", "work", "args", "event", "state", "result", "error", "queued")
+    __slots__ = ("batch_key", "size", "work", "args", "event", "state", "result", "error", "queued", "patience")
 
-    def __init__(self, work: Callable, args: tuple, batch_key: Hashable | None, size: int, event):
+    def __init__(self, work: Callable, args: tuple, batch_key: Hashable | None, size: int, event,
+                 patience: float | None = None):
         self.work, self.args, self.batch_key, self.size, self.event = work, args, batch_key, size, event
+        self.patience = patience  # how long it may wait, when less than queue_timeout (a gRPC client's deadline)
         self.state = "waiting"
         self.queued = time.perf_counter()
         self.result: Any = None
@@ -130,10 +132,12 @@ class InferenceQueue:
         """Run ``work(*args)`` on an inference thread, after at most ``queue_timeout`` of waiting; its result."""
         return self._submit(Job(work, args, None, 1, self._make_event()))
 
-    def run_batched(self, batch_key: Hashable, batch_work: Callable[[list[tuple]], list], *args, size: int = 1):
+    def run_batched(self, batch_key: Hashable, batch_work: Callable[[list[tuple]], list], *args, size: int = 1,
+                    patience: float | None = None):
         """Like ``run``, but jobs with the same ``batch_key`` that wait together run as one
-        ``batch_work([args, ...])``, which returns one result (or exception instance) per job, in order."""
-        return self._submit(Job(batch_work, args, batch_key, size, self._make_event()))
+        ``batch_work([args, ...])``, which returns one result (or exception instance) per job, in order.
+        ``patience``: wait at most this long (if less than queue_timeout), then shed."""
+        return self._submit(Job(batch_work, args, batch_key, size, self._make_event(), patience))
 
     # internals -----------------------------------------------------------------------------------------------------
     def _submit(self, job: Job):
@@ -148,14 +152,17 @@ class InferenceQueue:
                 self.waiting.append(job)
                 metrics.QUEUE_DEPTH.inc()
         if job.state == "waiting":
-            job.event.wait(self.queue_timeout)
+            patience = self.queue_timeout if job.patience is None else min(self.queue_timeout, job.patience)
+            job.event.wait(patience)
             with self.lock:
                 if job.state == "waiting":  # no thread took it in time
                     self.waiting.remove(job)
                     metrics.QUEUE_DEPTH.dec()
                     metrics.QUEUE_WAIT.observe(time.perf_counter() - job.queued)
                     self._shed("queue_timeout", f"no inference thread was free within "
-                                                f"QUEUE_TIMEOUT={self.queue_timeout:g} s.")
+                                                f"QUEUE_TIMEOUT={self.queue_timeout:g} s" + (
+                                                    "" if patience == self.queue_timeout else
+                                                    f" (or the {patience:.2f} s the client's deadline left)") + ".")
             if job.state in ("batched", "done"):
                 job.event.wait()  # started: the leader sets it once the result is in
                 return job.outcome()

@@ -228,3 +228,32 @@ def test_malformed_request_parameters_are_400(client, lenet_input, extra):
         **extra,
     }
     assert client.post("/v2/models/lenet/infer", json=request).status_code == 400
+
+
+def test_v1_classify_and_v2_infer_share_one_batch_key_and_one_call(app, monkeypatch):
+    """Both kinds of request for one version queue under the same batch key; a batch holding both makes one ONNX
+    Runtime call over their inputs together, and each gets the answer it gets alone."""
+    state = app.extensions["convserve"]
+    pipeline, model = state.pipeline, state.registry.get("lenet")
+    tensor = np.random.default_rng(2).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    v2_request = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3, 32, 32],
+                              "data": tensor.ravel().tolist()}], "outputs": [{"name": "probabilities"}]}
+    images = [image_bytes(seed=5), image_bytes(seed=6), image_bytes(seed=7)]
+    alone_v1 = pipeline.classify(model, images, None)
+    alone_v2, _ = pipeline.infer(model, v2_request, b"")
+
+    queued = []
+    monkeypatch.setattr(pipeline.queue, "run_batched",
+                        lambda key, work, *args, size, patience=None: queued.append((key, work, args)))
+    pipeline.classify(model, images, None)
+    pipeline.infer(model, v2_request, b"")
+    assert queued[0][0] == queued[1][0], "one batch key for both"
+    calls = []
+    predict = model.predict
+    monkeypatch.setattr(model, "predict", lambda batch: calls.append(len(batch)) or predict(batch))
+    v1_answer, (v2_answer, _) = queued[0][1]([queued[0][2], queued[1][2]])
+    assert calls == [5]  # three images and two tensors in one call
+    for got, want in zip(v1_answer["predictions"], alone_v1["predictions"], strict=True):
+        assert got["label"] == want["label"]
+        assert list(got["probabilities"].values()) == pytest.approx(list(want["probabilities"].values()), abs=1e-6)
+    assert v2_answer["outputs"][0]["data"] == pytest.approx(alone_v2["outputs"][0]["data"], abs=1e-6)

@@ -227,3 +227,23 @@ def test_a_taken_grpc_port_stops_the_start_with_one_line(tmp_path, server):
     lines = [line for line in taken.log().splitlines() if "GRPC_PORT" in line]
     assert lines and "is not free" in lines[0] and "Traceback" not in taken.log()
     assert Path(taken.log_path).exists()
+
+
+def test_tritonclient_http_calls_the_new_rest_routes_without_keys(server):
+    """The REST side of the repository and statistics, as tritonclient.http calls them on an open server; the
+    default model unloaded leaves the replica ready, serving the others."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.url.removeprefix("http://"))
+    assert {(m["name"], m["state"]) for m in client.get_model_repository_index()} == {("convnet", "READY"),
+                                                                                        ("lenet", "READY")}
+    client.unload_model("convnet")
+    try:
+        assert not client.is_model_ready("convnet")
+        assert client.is_server_ready() and requests.get(server.url + "/readyz", timeout=5).status_code == 200
+        assert client.is_model_ready("lenet")
+    finally:
+        client.load_model("convnet")
+    assert client.is_model_ready("convnet")
+    stats = client.get_inference_statistics("convnet")["model_stats"]
+    assert [(s["name"], s["version"]) for s in stats] == [("convnet", "7")]

@@ -119,8 +119,8 @@ def test_no_worker_died_and_nothing_was_logged_as_a_crash(server):
 
 def test_a_flood_is_shed_before_any_deadline(tmp_path):
     """200 calls at once with large JPEGs against one inference thread and a queue of 4: each is answered OK or
-    RESOURCE_EXHAUSTED (the queue's with retry-after and gRPC's retry pushback), none outlives its deadline, and
-    health answers throughout."""
+    RESOURCE_EXHAUSTED (the queue's with retry-after and gRPC's retry pushback), none outlives its deadline (even one
+    shorter than QUEUE_TIMEOUT), and health answers throughout."""
     running = GunicornServer(tmp_path, grpc=True, WORKERS=1, DEFAULT_MODEL="lenet", MODEL_POLL_SECONDS=0,
                              INFERENCE_THREADS=1, MAX_QUEUE=4, GRPC_MAX_CALLS=32)
     photo = np.asarray(Image.fromarray(pattern(96, 54, seed=1)).resize((1920, 1080)))
@@ -131,7 +131,9 @@ def test_a_flood_is_shed_before_any_deadline(tmp_path):
         running.wait_ready()
         channels = [grpc.insecure_channel(running.grpc_target) for _ in range(8)]
         started = time.monotonic()
-        calls = [channels[i % 8].unary_unary(METHOD).future(payload, timeout=10) for i in range(200)]
+        # half with a deadline shorter than QUEUE_TIMEOUT: they wait in the queue for half of it at most
+        calls = [channels[i % 8].unary_unary(METHOD).future(payload, timeout=10 if i % 2 else 0.8)
+                 for i in range(200)]
         health = requests.get(running.url + "/healthz", timeout=5)
         outcomes = []
         for future in calls:

@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 
@@ -292,5 +293,49 @@ def test_concurrent_requests_batched_together_get_their_own_answers(tmp_path):
         images = metric_value(text, "convserve_batch_size_sum", model="convnet")
         assert images == sum(len(b) for b in bodies[:4]) + sum(len(b) for b in bodies)
         assert calls < 4 + len(bodies)  # some requests shared a call
+    finally:
+        server.stop()
+
+
+def test_v2_infer_is_batched_with_v1_classify(tmp_path):
+    """/v2 infer (encoded images and preprocessed FP32 tensors) and /v1 classify requests for one version that wait
+    together share ONNX Runtime calls; each gets its own answer, as it gets alone."""
+    import base64
+
+    server = GunicornServer(tmp_path, WORKERS=1, INFERENCE_THREADS=1, DEFAULT_MODEL="convnet", QUEUE_TIMEOUT=30)
+    tensor = np.random.default_rng(3).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    jpeg = [image_bytes("JPEG", 320, 240, seed=seed) for seed in range(3)]
+
+    def classify(_):
+        files = [("image", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(jpeg)]
+        answer = requests.post(f"{server.url}/v1/classify", files=files, timeout=30)
+        assert answer.status_code == 200, answer.text
+        return [list(p["probabilities"].values()) for p in answer.json()["predictions"]]
+
+    def infer(kind):
+        tensors = {"bytes": {"name": "image", "datatype": "BYTES", "shape": [3],
+                             "data": [base64.b64encode(data).decode() for data in jpeg]},
+                   "fp32": {"name": "input", "datatype": "FP32", "shape": [2, 3, 32, 32],
+                            "data": tensor.ravel().tolist()}}
+        answer = requests.post(f"{server.url}/v2/models/convnet/infer", timeout=30,
+                               json={"inputs": [tensors[kind]], "outputs": [{"name": "probabilities"}]})
+        assert answer.status_code == 200, answer.text
+        flat = answer.json()["outputs"][0]["data"]
+        return [flat[i:i + 4] for i in range(0, len(flat), 4)]
+
+    calls = {"classify": classify, "bytes": infer, "fp32": infer}
+    try:
+        server.wait_ready()
+        alone = {kind: call(kind) for kind, call in calls.items()}
+        before = metric_value(requests.get(f"{server.url}/metrics", timeout=5).text, "convserve_batch_size_count",
+                              model="convnet")
+        kinds = list(calls) * 8
+        with ThreadPoolExecutor(len(kinds)) as pool:
+            together = list(pool.map(lambda kind: (kind, calls[kind](kind)), kinds))
+        for kind, answer in together:
+            assert np.allclose(answer, alone[kind], atol=1e-5), kind
+        executions = metric_value(requests.get(f"{server.url}/metrics", timeout=5).text, "convserve_batch_size_count",
+                                  model="convnet") - before
+        assert executions < len(kinds), "no request shared an ONNX Runtime call"
     finally:
         server.stop()
