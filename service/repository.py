@@ -48,11 +48,16 @@ class Repository:
         self.applied = 0
         self._stopped = threading.Event()
         self._seen: tuple | None = None
+        self._unwritable = False  # logged once until it can write again
 
     # lifecycle (each worker) -----------------------------------------------------------------------------------------
     def adopt_state(self) -> None:
         """Before the first load: a worker started after an unload must not serve the model either."""
-        state = self._read_state()
+        try:
+            state = self._read_state()
+        except (OSError, ValueError) as exc:
+            log.warning("repository: cannot read the state (%s); starting with every model loadable", exc)
+            return
         self.registry.unloaded = dict(state["unloaded"])
         self.applied = state["serial"]
 
@@ -152,15 +157,23 @@ class Repository:
                     self.registry.rescan()
                     self.applied = state["serial"]
                     self._acknowledge()
-            except Exception:  # a broken folder must not stop the watching or the serving
-                log.exception("applying a repository change failed")
+            except (OSError, ValueError) as exc:  # a broken folder must not stop the watching or the serving
+                log.warning("repository: reading the state failed (%s); retrying", exc)
 
     def _acknowledge(self) -> None:
         report = {"serial": self.applied, **self._report()}
-        self.folder.mkdir(exist_ok=True)
-        staged = self.folder / f".ack-{os.getpid()}.tmp"
-        staged.write_text(json.dumps(report))
-        os.replace(staged, self.folder / f"ack-{os.getpid()}.json")
+        try:
+            self.folder.mkdir(exist_ok=True)
+            staged = self.folder / f".ack-{os.getpid()}.tmp"
+            staged.write_text(json.dumps(report))
+            os.replace(staged, self.folder / f"ack-{os.getpid()}.json")
+        except OSError as exc:  # the metrics folder gone or full: repository calls then answer 503; serving goes on
+            if not self._unwritable:
+                log.warning("repository: cannot write this worker's acknowledgement in %s (%s); load and unload "
+                            "calls cannot reach it until the folder is writable", self.folder, exc.strerror)
+            self._unwritable = True
+            return
+        self._unwritable = False
 
     def _report(self) -> dict:
         """What this worker serves after a change: per model, "" when it serves, else why not."""

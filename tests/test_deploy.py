@@ -425,7 +425,7 @@ def test_kubernetes_validate_rejects_a_broken_deployment(base_docs):
     import kubernetes_validate
 
     broken = copy.deepcopy(by_kind(base_docs, "Deployment"))
-    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["paht"] = "/healthz"
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/readyz"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
     broken = copy.deepcopy(by_kind(base_docs, "Deployment"))
@@ -961,8 +961,9 @@ def test_service_hpa_pdb_and_monitor_select_the_pods(base_docs):
 
     service = by_kind(base_docs, "Service")
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP",
-                                         "appProtocol": "http"}]
+    assert service["spec"]["ports"][0] == {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP",
+                                           "appProtocol": "http"}
+    assert [port["name"] for port in service["spec"]["ports"]] == ["http", "grpc"]  # tests/test_deploy_grpc.py
 
     pdb = by_kind(base_docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()

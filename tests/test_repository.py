@@ -75,7 +75,7 @@ def test_unload_then_load_in_every_worker(server, client, store):
                                    timeout=10)
             assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_unloaded", answer.text
             ready = requests.get(server.url + "/v2/models/lenet/ready", headers=HEADERS, timeout=10)
-            assert ready.status_code == 503 and ready.json()["ready"] is False
+            assert ready.status_code == 404 and "unloaded" in ready.json()["error"]
         assert not client.is_model_ready("lenet", headers=HEADERS)
         entry = next(m for m in client.get_model_repository_index(headers=HEADERS) if m["name"] == "lenet")
         assert entry["state"] == "UNAVAILABLE" and "unloaded" in entry["reason"]

@@ -72,6 +72,8 @@ def test_allowed_values(name, value):
 BAD_VALUES = [
     ("PORT", "abc", "a whole number from 1 to 65535"), ("PORT", "0", "from 1 to 65535"),
     ("PORT", "65536", "from 1 to 65535"), ("PORT", "80.5", "whole number"),
+    ("GRPC_PORT", "-1", "a whole number from 0 to 65535"), ("GRPC_PORT", "grpc", "from 0 to 65535"),
+    ("GRPC_MAX_CALLS", "0", "a whole number >= 1"), ("REPOSITORY_TIMEOUT", "0", "a number of seconds > 0"),
     ("HOST", "not a host", "an IP address or host name"), ("HOST", "-bad-", "host name"),
     ("MODEL_STORE", " ", "a readable folder"),
     ("DEFAULT_MODEL", "../etc", "a model name"), ("DEFAULT_MODEL", ".hidden", "not starting with '.'"),

@@ -24,7 +24,7 @@ from service.api.schemas import (
     ServerMetadata,
     ServerReady,
 )
-from service.errors import InvalidJSON, ModelUnloaded, NotReady
+from service.errors import InvalidJSON, NotReady
 from service.inputs import parse_json
 from service.oip import ENCODED_INPUT, output_metadata
 from service.registry import describe_verification
@@ -85,12 +85,12 @@ def model_metadata(name: str, version: str | None = None):
 @blueprint.get("/models/<name>/ready")
 @blueprint.get("/models/<name>/versions/<version>/ready")
 @documented("Model readiness", "200 when the model (version) can serve; 503 with `ready: false` while it loads or "
-            "when it failed to load.", tags=["inference", "health"], responses={200: ModelReady, 503: ModelReady},
-            errors=(404,))
+            "when it failed to load; 404 with the reason once the repository API unloaded it (until a load).",
+            tags=["inference", "health"], responses={200: ModelReady, 503: ModelReady}, errors=(404,))
 def model_ready(name: str, version: str | None = None):
     try:
         model = state().registry.get(name, version)
-    except (NotReady, ModelUnloaded):
+    except NotReady:
         return reply(ModelReady, {"name": name, "ready": False}, 503)
     return reply(ModelReady, {"name": model.name, "ready": model.ready})
 
@@ -150,7 +150,7 @@ def stats_versions(registry, name: str | None, version: str | None) -> list[tupl
             responses={200: RepositoryIndex}, errors=(400,), body="RepositoryIndexRequest")
 def repository_index():
     body = request.get_data(cache=False)
-    options = parse_json(body) if body.strip() else {}
+    options = parse_json(body) if body else {}
     if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
         raise InvalidJSON('The body must be empty or a JSON object such as {"ready": true}.')
     return reply(RepositoryIndex, state().repository.index(options.get("ready", False)))
