@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.inprocess import in_process_worker  # noqa: E402
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
-from bench.protocols import compare, grpc_overload  # noqa: E402
+from bench.protocols import compare, grpc_overload, run_rest  # noqa: E402
 from bench.soak import soak  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
 from service.settings import Settings, available_cpus  # noqa: E402
@@ -202,9 +202,17 @@ def protocol_cases(work: Path, images, args) -> dict:
         server.wait_ready()
         rows = compare(work / "protocols", server, args.model, images, connections_of(args), args.seconds)
         photo = images["1920x1080 JPEG"][0]
+        seconds = max(10, args.seconds)
+        with HealthProbe(server.port, settle_s=2.0) as probe:  # the same flood over REST first, wrk's 2 s time-out
+            rest_flood = run_rest(work / "protocols", server, args.model, photo, 512, seconds)
+        rest_flood["health"] = probe.summary()
+        print(f"  REST overload, 512 connections, 1920x1080 JPEG, 2 s time-out: {rest_flood['ok_per_s']:.0f} ok/s, "
+              f"{rest_flood['non_2xx']} shed, {rest_flood['timeouts']} time-outs; /healthz p99 "
+              f"{rest_flood['health']['/healthz']['p99_ms']} ms", flush=True)
         with HealthProbe(server.port, settle_s=2.0) as probe:
-            flood = grpc_overload(server, args.model, photo, seconds=max(10.0, args.seconds))
+            flood = grpc_overload(server, args.model, photo, seconds=float(seconds))
         flood["health"] = probe.summary()
+        flood["rest"] = rest_flood
         print(f"  gRPC overload, {flood['outstanding']} calls in flight, 1920x1080 JPEG, {flood['deadline_s']:g} s "
               f"deadline: {flood['outcomes']}; shed p50 {flood['shed_p50_ms']} ms, p99 {flood['shed_p99_ms']} ms; "
               f"/healthz p99 {flood['health']['/healthz']['p99_ms']} ms", flush=True)

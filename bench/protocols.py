@@ -74,6 +74,7 @@ def run_rest(work: Path, server, model: str, image: bytes, connections: int, sec
 def run_grpc(work: Path, server, model: str, image: bytes, connections: int, seconds: int) -> dict:
     (work / "grpc.body").write_bytes(grpc_frame(model, image))
     log = work / "grpc.log"
+    log.unlink(missing_ok=True)  # h2load appends to it
     before = grpc_successes(server)
     command = ["h2load", "-c", str(connections), "-m", "1", "-D", str(seconds),
                "-d", str(work / "grpc.body"), "-H", "content-type: application/grpc", "-H", "te: trailers",

@@ -8,10 +8,12 @@ models and the readiness are per worker, so sharing them needs no copy and no ho
 "gRPC" has the measurements.
 
 A call runs on one of the server's GRPC_MAX_CALLS threads (more get RESOURCE_EXHAUSTED from gRPC itself, at once).
-Inference is handed to the worker's event loop, which queues it exactly as a REST request
-(service/scheduler.py): a full queue answers RESOURCE_EXHAUSTED with ``retry-after`` and ``grpc-retry-pushback-ms``
-trailers. Messages are parsed here, not by gRPC, so a message that is not the protocol's answers INVALID_ARGUMENT
-rather than an internal error. Errors map from the service's typed errors (service/errors.py) by HTTP status.
+Its inference waits in the worker's inference queue with REST's requests (service/scheduler.py), batched with them;
+when its turn comes the gRPC thread runs the batch itself, which saves the hand-over to the event loop and its thread
+pool that REST needs. A full queue answers RESOURCE_EXHAUSTED with ``retry-after`` and ``grpc-retry-pushback-ms``
+trailers; a call waits at most half of what its deadline leaves. Messages are parsed here, not by gRPC, so a message
+that is not the protocol's answers INVALID_ARGUMENT rather than an internal error. Errors map from the service's
+typed errors (service/errors.py) by HTTP status.
 """
 
 from __future__ import annotations
@@ -46,13 +48,11 @@ CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTIC
 
 
 class GrpcServer:
-    """The worker's gRPC server. ``on_loop``: runs a function on the worker's event loop and returns its result
-    (the gevent worker's bridge), or None to call it on the gRPC thread (no event loop: tests)."""
+    """The worker's gRPC server, over the worker's AppState (service/__init__.py)."""
 
-    def __init__(self, state, on_loop=None):
+    def __init__(self, state):
         self.state = state
         self.settings = state.settings
-        self.on_loop = on_loop or (lambda function, *args: function(*args))
         self.health = _Health(self)
         self.server: grpc.Server | None = None
         self.port = 0
@@ -176,7 +176,7 @@ class GrpcServer:
         try:
             queue.admit()
             held = queue.hold_bytes(size)
-            body, blobs = self.on_loop(state.pipeline.infer, model, header, binary, _patience(context))
+            body, blobs = state.pipeline.infer(model, header, binary, _patience(context))
         finally:
             if held:
                 queue.release_bytes(held)
@@ -326,25 +326,3 @@ def _abort(context: grpc.ServicerContext, error: ServiceError) -> None:
     if isinstance(error, Unauthorized):
         log.info("gRPC call refused: %s", error.message)
     context.abort(code, error.message)
-
-
-def event_loop_bridge():
-    """In a gevent worker: a function that runs ``function(*args)`` in a greenlet of this thread's event loop from
-    any thread, and waits for its result there (so inference queues with REST's requests, on the same loop)."""
-    import gevent
-
-    loop = gevent.get_hub().loop
-
-    def on_loop(function, *args):
-        outcome: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run():
-            try:
-                outcome.set_result(function(*args))
-            except BaseException as error:  # noqa: BLE001 - handed back to the gRPC thread, which raises it
-                outcome.set_exception(error)
-
-        loop.run_callback_threadsafe(gevent.spawn, run)
-        return outcome.result()
-
-    return on_loop

@@ -19,8 +19,10 @@ Runtime call, a decoder in a loop); its thread cannot be taken back. The queue t
 requests and every waiting one get 503 ``worker_unhealthy`` at once, new ones too, and ``on_unhealthy`` is told
 (service/worker.py then takes the worker out of service to be replaced).
 
-Outside gevent (the Flask test client, a sync worker) the same class runs the work on the calling thread, with the
-same limits and batching, so every code path is the same one.
+Real threads may queue too (a gRPC call, service/grpc_server.py): they wait on a real event, and when their turn
+comes they run the batch on their own thread (REST's requests batched with them included), with no hand-over; the
+event loop watches those batches for the watchdog. Outside gevent (the Flask test client, a sync worker) every
+caller is such a thread, with the same limits and batching, so every code path is the same one.
 """
 
 from __future__ import annotations
@@ -82,12 +84,17 @@ class InferenceQueue:
         self.max_batch = max_batch
         self.free = threads
         self.waiting: deque[Job] = deque()
-        self.lock = threading.Lock()  # only contended outside gevent; under gevent only the event loop takes it
+        self.lock = threading.Lock()  # the event loop and, with gRPC, real threads take it, briefly
+        self._running: dict[int, tuple[float, int, list[Job]]] = {}  # batches real threads run themselves
+        self._loop_thread = None
         if gevent_active():
+            import gevent
             from gevent.event import Event
             from gevent.threadpool import ThreadPool
 
-            self._make_event = Event
+            self._loop_thread = threading.get_ident()
+            self._loop = gevent.get_hub().loop
+            self._loop_event = Event
             pool = ThreadPool(threads)
             # Exceptions come back as values: gevent's pool would print every one (a client's bad image too) as a
             # traceback on stderr.
@@ -98,10 +105,9 @@ class InferenceQueue:
                     raise _Stuck()
                 return _unwrap(running.get())
 
-            self._execute = execute
-        else:
-            self._make_event = threading.Event
-            self._execute = _call
+            self._execute_on_loop = execute
+            if watchdog_seconds:
+                gevent.spawn(self._watch_real_threads)
         metrics.INFERENCE_THREADS.set(threads)
 
     def admit(self) -> None:
@@ -127,6 +133,27 @@ class InferenceQueue:
     def release_bytes(self, size: int) -> None:
         with self.lock:
             self.held_bytes -= size
+
+    def _on_loop(self) -> bool:
+        """True in a greenlet of the worker's event loop; False on a real thread (a gRPC call) or outside gevent."""
+        return self._loop_thread is not None and threading.get_ident() == self._loop_thread
+
+    def _make_event(self):
+        return self._loop_event() if self._on_loop() else threading.Event()
+
+    def _wake(self, job: Job) -> None:
+        """Set a job's event from whichever thread we are on: a greenlet's event is set on its loop."""
+        if isinstance(job.event, threading.Event) or self._on_loop():
+            job.event.set()
+        else:
+            self._loop.run_callback_threadsafe(job.event.set)
+
+    def _execute(self, work: Callable, args: tuple, requests: int):
+        """A greenlet hands the work to the loop's thread pool (the loop keeps serving) with the watchdog's timeout;
+        a real thread runs it itself, watched by _watch_real_threads."""
+        if self._on_loop():
+            return self._execute_on_loop(work, args, requests)
+        return work(*args)
 
     def run(self, work: Callable, *args) -> Any:
         """Run ``work(*args)`` on an inference thread, after at most ``queue_timeout`` of waiting; its result."""
@@ -172,6 +199,9 @@ class InferenceQueue:
     def _lead(self, job: Job):
         batch = self._gather(job)
         release = True
+        watched = not self._on_loop() and self._loop_thread is not None
+        if watched:
+            self._running[id(job)] = (time.monotonic(), len(batch), batch)
         try:
             if job.batch_key is None:
                 job.result = self._execute(job.work, job.args, 1)
@@ -191,12 +221,30 @@ class InferenceQueue:
             for member in batch:
                 member.error = error
         finally:
+            if watched and self._running.pop(id(job), None) is None:
+                release = False  # the watchdog gave up on this call: its slot is not this queue's any more
             for member in batch[1:]:
                 member.state = "done"
-                member.event.set()
+                self._wake(member)
             if release:
                 self._release()
         return job.outcome()
+
+    def _watch_real_threads(self) -> None:
+        """On the event loop: a batch a real thread runs itself (a gRPC call) that outlives the watchdog trips the
+        queue as a stuck pool call does; its members are answered now, the thread stays stuck."""
+        import gevent
+
+        while not self.unhealthy:
+            gevent.sleep(min(1.0, self.watchdog_seconds / 4))
+            now = time.monotonic()
+            for key, (started, requests, batch) in list(self._running.items()):
+                if now - started > self.watchdog_seconds * requests and self._running.pop(key, None):
+                    for member in batch:
+                        member.error = WorkerUnhealthy()
+                        member.state = "done"
+                        self._wake(member)
+                    self._trip(batch[0], requests)
 
     def _trip(self, job: Job, requests: int) -> None:
         """Out of service: every waiting request is answered now, and the worker is told."""
@@ -214,7 +262,7 @@ class InferenceQueue:
             metrics.QUEUE_DEPTH.dec()
             member.error = WorkerUnhealthy()
             member.state = "done"
-            member.event.set()
+            self._wake(member)
         if self.on_unhealthy is not None:
             self.on_unhealthy(self.unhealthy)
 
@@ -242,7 +290,7 @@ class InferenceQueue:
                 successor = self.waiting.popleft()
                 metrics.QUEUE_DEPTH.dec()
                 successor.state = "leading"
-                successor.event.set()
+                self._wake(successor)
             else:
                 self.free += 1
 

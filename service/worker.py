@@ -76,10 +76,10 @@ class ServingWorker(GeventWorker):
             self.grpc.stop(self.cfg.graceful_timeout).wait(self.cfg.graceful_timeout)
 
     def _start_grpc(self, state) -> None:
-        from service.grpc_server import GrpcServer, event_loop_bridge
+        from service.grpc_server import GrpcServer
 
         settings = state.settings
-        self.grpc = GrpcServer(state, event_loop_bridge())
+        self.grpc = GrpcServer(state)
         try:
             self.grpc.start(settings.HOST, settings.GRPC_PORT)
         except RuntimeError as exc:
