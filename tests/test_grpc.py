@@ -247,3 +247,40 @@ def test_tritonclient_http_calls_the_new_rest_routes_without_keys(server):
     assert client.is_model_ready("convnet")
     stats = client.get_inference_statistics("convnet")["model_stats"]
     assert [(s["name"], s["version"]) for s in stats] == [("convnet", "7")]
+
+
+def test_rest_and_grpc_at_once_share_batches_and_get_their_own_answers(tmp_path):
+    """REST requests (event loop, thread pool) and gRPC calls (their own threads) wait in one queue: either may run
+    a batch holding the other's requests and hand each its answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers import metric_value
+
+    running = GunicornServer(tmp_path, grpc=True, WORKERS=1, INFERENCE_THREADS=1, QUEUE_TIMEOUT=30,
+                             MODEL_POLL_SECONDS=0)
+    rest_images, grpc_images = IMAGES[:2], IMAGES[2:5]
+    try:
+        running.wait_ready()
+        alone_rest = rest_probabilities(running, "convnet", rest_images)
+        client = triton.InferenceServerClient(running.grpc_target)
+        alone_grpc = client.infer("convnet", [bytes_input(grpc_images)]).as_numpy("probabilities")
+
+        def over_grpc(_):
+            return triton.InferenceServerClient(running.grpc_target).infer(
+                "convnet", [bytes_input(grpc_images)]).as_numpy("probabilities")
+
+        before = metric_value(requests.get(running.url + "/metrics", timeout=5).text, "convserve_batch_size_count",
+                              model="convnet")
+        with ThreadPoolExecutor(24) as pool:
+            rest_answers = [pool.submit(rest_probabilities, running, "convnet", rest_images) for _ in range(12)]
+            grpc_answers = [pool.submit(over_grpc, index) for index in range(12)]
+            for answer in rest_answers:
+                np.testing.assert_allclose(answer.result(), alone_rest, atol=1e-5)
+            for answer in grpc_answers:
+                np.testing.assert_allclose(answer.result(), alone_grpc, atol=1e-5)
+        calls = metric_value(requests.get(running.url + "/metrics", timeout=5).text, "convserve_batch_size_count",
+                             model="convnet") - before
+        assert calls < 24, "no two requests shared an ONNX Runtime call"
+    finally:
+        running.stop()
+    assert "Traceback" not in running.log()

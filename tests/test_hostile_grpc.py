@@ -16,6 +16,7 @@ from PIL import Image
 
 from service.proto import inference_pb2 as pb
 from tests.helpers import GunicornServer, image_bytes, pattern
+from tests.test_faults import stall_request, stall_store  # noqa: F401 - stall_store is a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -155,3 +156,31 @@ def test_a_flood_is_shed_before_any_deadline(tmp_path):
     assert health.status_code == 200
     assert elapsed < 10, f"the flood took {elapsed:.1f} s: some call waited past its deadline"
     assert "Traceback" not in running.log()
+
+
+def test_a_stuck_grpc_inference_trips_the_watchdog(tmp_path, stall_store):  # noqa: F811
+    """A gRPC call runs its batch on its own thread: when that batch outlives INFERENCE_WATCHDOG_SECONDS, the event
+    loop's watchdog trips the worker as for REST: it is taken out of service and replaced, and the stuck call ends
+    (UNAVAILABLE, retryable, when its worker exits) long before its deadline instead of hanging."""
+    from tests.helpers import wait_until
+
+    running = GunicornServer(tmp_path, grpc=True, WORKERS=1, MODEL_STORE=stall_store, DEFAULT_MODEL="lenet",
+                             MODEL_POLL_SECONDS=0, INFERENCE_WATCHDOG_SECONDS=2, GRACEFUL_TIMEOUT=5)
+    request = stall_request(1e6)["inputs"][0]
+    payload = infer(model="stall", datatype="FP32", shape=request["shape"],
+                    raw=[np.asarray(request["data"], "<f4").tobytes()])
+    try:
+        running.wait_ready()
+        first = next(iter(running.worker_pids()))
+        started = time.monotonic()
+        code, details = call(running, payload, timeout=60)
+        ended = time.monotonic() - started
+        wait_until(lambda: running.worker_pids() and first not in running.worker_pids(), "a new worker", timeout=30)
+        running.wait_ready(60)
+        assert call(running, infer(raw=[element(image_bytes())]))[0] == grpc.StatusCode.OK
+    finally:
+        running.stop()
+    assert code == grpc.StatusCode.UNAVAILABLE and 2 <= ended < 20, (code, details, ended)
+    log = running.log()
+    assert f"worker {first} out of service: an inference (stall v1" in log
+    assert f"worker {first} exits: a stuck" in log
