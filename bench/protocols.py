@@ -1,7 +1,8 @@
 """The Open Inference Protocol over REST and over gRPC, side by side: the same images as binary tensors, the same
 model and server, at each concurrency, one protocol right after the other.
 
-REST is driven by wrk (POST /v2/models/{name}/infer with the binary tensor extension), gRPC by h2load
+Each row also gives the CPU time the server and the load generator spent per successful answer (they share this
+machine's cores). REST is driven by wrk (POST /v2/models/{name}/infer with the binary tensor extension), gRPC by h2load
 (nghttp2-client: ModelInfer messages with raw_input_contents, each on its own stream, one in flight per
 connection). Both are C load generators, so neither protocol pays for a Python client. h2load cannot read gRPC's
 status (it travels in trailers), so the calls that succeeded are counted by the server itself: the delta of
@@ -31,6 +32,37 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 wrk.headers["Inference-Header-Content-Length"] = os.getenv("BENCH_HEADER_LENGTH")
 """
 GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(server) -> float:
+    """CPU time (user + system) of the gunicorn master and its workers so far."""
+    total = 0
+    for pid in {server.process.pid, *server.worker_pids()}:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def client_cpu_seconds() -> float:
+    """CPU time of this process's finished children (the load generators)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(run, server, *args) -> dict:
+    """A load run with the CPU the server and the load generator spent on each successful answer."""
+    server_before, client_before = server_cpu_seconds(server), client_cpu_seconds()
+    result = run(*args)
+    answers = max(1.0, result["ok_per_s"] * args[-1])
+    result["server_cpu_ms_per_ok"] = round((server_cpu_seconds(server) - server_before) * 1000 / answers, 3)
+    result["client_cpu_ms_per_ok"] = round((client_cpu_seconds() - client_before) * 1000 / answers, 3)
+    return result
 
 
 def rest_body(model: str, image: bytes) -> tuple[bytes, int]:
@@ -98,13 +130,15 @@ def compare(work: Path, server, model: str, images: dict[str, tuple[bytes, str]]
     rows = []
     for label, (image, _) in images.items():
         for count in connections:
-            rest = run_rest(work, server, model, image, count, seconds)
-            over_grpc = run_grpc(work, server, model, image, count, seconds)
+            rest = measured(run_rest, server, work, server, model, image, count, seconds)
+            over_grpc = measured(run_grpc, server, work, server, model, image, count, seconds)
             ratio = over_grpc["ok_per_s"] / rest["ok_per_s"] if rest["ok_per_s"] else None
             rows.append({"image": label, "connections": count, "rest": rest, "grpc": over_grpc,
                          "grpc_over_rest": round(ratio, 3) if ratio else None})
-            print(f"  /v2 infer {label} c={count}: REST {rest['ok_per_s']:.0f} ok/s p50 {rest['p50_ms']:.2f} ms | "
-                  f"gRPC {over_grpc['ok_per_s']:.0f} ok/s p50 {over_grpc['p50_ms'] or 0:.2f} ms "
+            print(f"  /v2 infer {label} c={count}: REST {rest['ok_per_s']:.0f} ok/s p50 {rest['p50_ms']:.2f} ms, "
+                  f"CPU/answer server {rest['server_cpu_ms_per_ok']} ms client {rest['client_cpu_ms_per_ok']} ms | "
+                  f"gRPC {over_grpc['ok_per_s']:.0f} ok/s p50 {over_grpc['p50_ms'] or 0:.2f} ms, CPU/answer server "
+                  f"{over_grpc['server_cpu_ms_per_ok']} ms client {over_grpc['client_cpu_ms_per_ok']} ms "
                   f"({over_grpc['failed']} not OK) | gRPC/REST {ratio or 0:.2f}", flush=True)
     return rows
 

@@ -401,7 +401,8 @@ def scrape(server) -> dict[tuple, float]:
 
 def test_metrics_count_the_request(server, image):
     model = image.settings.DEFAULT_MODEL
-    key = ("convserve_requests_total", (("method", "POST"), ("route", "/v1/classify"), ("status", "200")))
+    key = ("convserve_requests_total", (("method", "POST"), ("protocol", "http"), ("route", "/v1/classify"),
+                                        ("status", "200")))
 
     def predictions(samples):
         return sum(value for (name, labels), value in samples.items()
