@@ -122,25 +122,37 @@ def run_grpc(work: Path, server, model: str, image: bytes, connections: int, sec
 
 
 def compare(work: Path, server, model: str, images: dict[str, tuple[bytes, str]], connections: list[int],
-            seconds: int) -> list[dict]:
-    """Rows of REST and gRPC figures per image and concurrency; the ratio of successful answers per second."""
+            seconds: int, repeats: int = 3) -> list[dict]:
+    """Rows of REST and gRPC figures per image and concurrency: ``repeats`` runs of each, alternating, and their
+    medians (this machine's throughput wanders by several per cent from one run to the next)."""
     if shutil.which("h2load") is None:
         print("  gRPC rows skipped: h2load is not installed (apt-get install nghttp2-client)", flush=True)
         return []
     rows = []
     for label, (image, _) in images.items():
         for count in connections:
-            rest = measured(run_rest, server, work, server, model, image, count, seconds)
-            over_grpc = measured(run_grpc, server, work, server, model, image, count, seconds)
+            runs = {"rest": [], "grpc": []}
+            for _ in range(repeats):
+                runs["rest"].append(measured(run_rest, server, work, server, model, image, count, seconds))
+                runs["grpc"].append(measured(run_grpc, server, work, server, model, image, count, seconds))
+            rest, over_grpc = (median_run(runs[protocol]) for protocol in ("rest", "grpc"))
+            ratios = sorted(g["ok_per_s"] / r["ok_per_s"] for r, g in zip(runs["rest"], runs["grpc"]))
             ratio = over_grpc["ok_per_s"] / rest["ok_per_s"] if rest["ok_per_s"] else None
-            rows.append({"image": label, "connections": count, "rest": rest, "grpc": over_grpc,
-                         "grpc_over_rest": round(ratio, 3) if ratio else None})
+            rows.append({"image": label, "connections": count, "rest": rest, "grpc": over_grpc, "runs": runs,
+                         "grpc_over_rest": round(ratio, 3) if ratio else None,
+                         "ratios_of_pairs": [round(value, 3) for value in ratios]})
             print(f"  /v2 infer {label} c={count}: REST {rest['ok_per_s']:.0f} ok/s p50 {rest['p50_ms']:.2f} ms, "
                   f"CPU/answer server {rest['server_cpu_ms_per_ok']} ms client {rest['client_cpu_ms_per_ok']} ms | "
                   f"gRPC {over_grpc['ok_per_s']:.0f} ok/s p50 {over_grpc['p50_ms'] or 0:.2f} ms, CPU/answer server "
                   f"{over_grpc['server_cpu_ms_per_ok']} ms client {over_grpc['client_cpu_ms_per_ok']} ms "
-                  f"({over_grpc['failed']} not OK) | gRPC/REST {ratio or 0:.2f}", flush=True)
+                  f"({over_grpc['failed']} not OK) | gRPC/REST {ratio or 0:.2f} (pairs {rows[-1]['ratios_of_pairs']})",
+                  flush=True)
     return rows
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median successful answers per second."""
+    return sorted(runs, key=lambda run: run["ok_per_s"])[len(runs) // 2]
 
 
 def grpc_overload(server, model: str, image: bytes, outstanding: int = 512, seconds: float = 10.0,

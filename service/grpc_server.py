@@ -11,7 +11,7 @@ A call runs on one of the server's GRPC_MAX_CALLS threads (more get RESOURCE_EXH
 Its inference waits in the worker's inference queue with REST's requests (service/scheduler.py), batched with them;
 when its turn comes the gRPC thread runs the batch itself, which saves the hand-over to the event loop and its thread
 pool that REST needs. A full queue answers RESOURCE_EXHAUSTED with ``retry-after`` and ``grpc-retry-pushback-ms``
-trailers; a call waits at most half of what its deadline leaves. Messages are parsed here, not by gRPC, so a message
+trailers; a call waits at most 40 % of what its deadline leaves. Messages are parsed here, not by gRPC, so a message
 that is not the protocol's answers INVALID_ARGUMENT rather than an internal error. Errors map from the service's
 typed errors (service/errors.py) by HTTP status.
 """
@@ -39,7 +39,7 @@ SERVICE = "inference.GRPCInferenceService"  # the protocol's name for it, whatev
 # Health service names a probe may ask for: "" and the inference service are readiness, "liveness" liveness.
 LIVENESS, READINESS = "liveness", "readiness"
 HEALTH_REFRESH_SECONDS = 0.5
-DEADLINE_SHARE_FOR_QUEUEING = 0.5  # how fresh Watch streams are; Check is computed on each call
+DEADLINE_SHARE_FOR_QUEUEING = 0.4  # how fresh Watch streams are; Check is computed on each call
 # gRPC code for each HTTP status the service's errors carry; the metric's status label stays the HTTP one.
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
@@ -305,8 +305,8 @@ def _statistics(entry: dict):
 
 
 def _patience(context) -> float | None:
-    """How long the call may wait in the queue: most of what its deadline leaves (the rest is for the work and the
-    answer), so a busy server answers RESOURCE_EXHAUSTED before the client gives up, never DEADLINE_EXCEEDED."""
+    """How long the call may wait in the queue: 40 % of what its deadline leaves (the rest is for the work, the
+    answer and a busy machine), so a busy server answers RESOURCE_EXHAUSTED before the client gives up."""
     remaining = context.time_remaining()
     return None if remaining is None or remaining > 1e6 else max(0.0, remaining * DEADLINE_SHARE_FOR_QUEUEING)
 

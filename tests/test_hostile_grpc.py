@@ -132,7 +132,7 @@ def test_a_flood_is_shed_before_any_deadline(tmp_path):
         running.wait_ready()
         channels = [grpc.insecure_channel(running.grpc_target) for _ in range(8)]
         started = time.monotonic()
-        # half with a deadline shorter than QUEUE_TIMEOUT: they wait in the queue for half of it at most
+        # half with a deadline shorter than QUEUE_TIMEOUT: they wait in the queue for 40 % of it at most
         calls = [channels[i % 8].unary_unary(METHOD).future(payload, timeout=10 if i % 2 else 0.8)
                  for i in range(200)]
         health = requests.get(running.url + "/healthz", timeout=5)
