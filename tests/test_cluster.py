@@ -175,7 +175,9 @@ def test_prometheus_computes_the_hpa_metric_and_it_follows_the_load(cluster, wrk
     print(f"HPA metric: idle {idle:.2f}, {risen} two scrape intervals after the load began, {peak} when it stopped, "
           f"{fallen} two scrape intervals later")
     assert risen is not None and risen > idle + 0.1, "up within two scrape intervals"
-    assert peak > risen and fallen is not None and fallen < peak, "down within two scrape intervals"
+    # (peak against risen says nothing: the value may already stand at its plateau two scrapes in, 9.4 then 9.0)
+    assert peak is not None and peak > idle + 0.1, "still up when the load stopped"
+    assert fallen is not None and fallen < peak, "down within two scrape intervals"
 
 
 def test_a_rolling_update_under_load_loses_nothing(cluster, wrk):
