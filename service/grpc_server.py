@@ -32,6 +32,7 @@ import service
 from service import metrics, oip
 from service.errors import InvalidTensor, Overloaded, ServiceError, Unauthorized
 from service.proto import inference_pb2 as pb
+from service.statistics import model_statistics, versions_covered
 
 log = logging.getLogger("convserve")
 
@@ -153,9 +154,7 @@ class GrpcServer:
         return pb.ModelReadyResponse(ready=model.ready)
 
     def server_metadata(self, request, size: int, context):
-        from service.api.v2 import EXTENSIONS
-
-        return pb.ServerMetadataResponse(name="convserve", version=service.__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name="convserve", version=service.__version__, extensions=oip.EXTENSIONS)
 
     def model_metadata(self, request, size: int, context):
         registry = self.state.registry
@@ -183,10 +182,7 @@ class GrpcServer:
         return infer_response(body, blobs)
 
     def model_statistics(self, request, size: int, context):
-        from service.api.v2 import stats_versions
-        from service.statistics import model_statistics
-
-        versions = stats_versions(self.state.registry, request.name or None, request.version or None)
+        versions = versions_covered(self.state.registry, request.name or None, request.version or None)
         return pb.ModelStatisticsResponse(model_stats=[_statistics(entry) for entry in model_statistics(versions)])
 
     def repository_index(self, request, size: int, context):

@@ -18,6 +18,8 @@ from service.inputs import check_batch_size, decode_base64
 from service.model import Outputs
 
 DATATYPES = {"FP32": np.float32, "BYTES": object}
+# What server metadata announces, over REST and gRPC alike.
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 ENCODED_INPUT = "image"  # the BYTES input: not in the ONNX graph, so its name is the service's own
 # The largest |value| an FP32 input may hold: preprocessed images lie within a few units of 0, and inputs around 1e16
 # overflowed the shipped networks to NaN.

@@ -46,16 +46,15 @@ class InferencePipeline:
         """An Open Inference Protocol request (its JSON and binary part, REST or gRPC alike) → the response JSON and
         binary blobs. Batched with classify requests for the same version: both become the model's input batch."""
         images = oip.image_count(request, self.settings.MAX_BATCH_IMAGES)
-        plan: list = []
+        plan = oip.requested_outputs(request, model)  # a bad "outputs" fails before the request queues
 
         def prepare() -> np.ndarray:
-            plan.append(oip.requested_outputs(request, model))  # a bad "outputs" fails before the model runs
             tensor = oip.input_tensor(request, model, binary, self.settings.MAX_BATCH_IMAGES)
             if isinstance(tensor, np.ndarray):  # FP32, of the model's input shape: input_tensor has checked it
                 return np.ascontiguousarray(tensor, dtype=np.float32)
             return self.preprocess(model, tensor)  # encoded images, as many as the shape says
 
-        return self._inference(model, prepare, lambda outputs: oip.response(request, model, outputs, plan[0]), images,
+        return self._inference(model, prepare, lambda outputs: oip.response(request, model, outputs, plan), images,
                                patience)
 
     # batched inference ---------------------------------------------------------------------------------------------

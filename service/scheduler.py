@@ -240,10 +240,7 @@ class InferenceQueue:
             now = time.monotonic()
             for key, (started, requests, batch) in list(self._running.items()):
                 if now - started > self.watchdog_seconds * requests and self._running.pop(key, None):
-                    for member in batch:
-                        member.error = WorkerUnhealthy()
-                        member.state = "done"
-                        self._wake(member)
+                    self._answer_unhealthy(batch)
                     self._trip(batch[0], requests)
 
     def _trip(self, job: Job, requests: int) -> None:
@@ -258,13 +255,16 @@ class InferenceQueue:
         metrics.WATCHDOG_TRIPS.inc()
         with self.lock:
             waiting, self.waiting = list(self.waiting), deque()
-        for member in waiting:
-            metrics.QUEUE_DEPTH.dec()
+        metrics.QUEUE_DEPTH.dec(len(waiting))
+        self._answer_unhealthy(waiting)
+        if self.on_unhealthy is not None:
+            self.on_unhealthy(self.unhealthy)
+
+    def _answer_unhealthy(self, jobs: list[Job]) -> None:
+        for member in jobs:
             member.error = WorkerUnhealthy()
             member.state = "done"
             self._wake(member)
-        if self.on_unhealthy is not None:
-            self.on_unhealthy(self.unhealthy)
 
     def _gather(self, leader: Job) -> list[Job]:
         """The leader and every waiting job with its batch key, oldest first, up to ``max_batch`` items."""

@@ -26,6 +26,18 @@ def model_statistics(versions: list[tuple[str, str]]) -> list[dict]:
     return [_one(name, version, samples) for name, version in versions]
 
 
+def versions_covered(registry, name: str | None, version: str | None) -> list[tuple[str, str]]:
+    """The (model, version) pairs a statistics call covers: every loaded version, or those of a model, or one; the
+    registry's typed error (404, 503) for a model or version it cannot name."""
+    if name is None:
+        return [(model.name, model.version) for model in registry.loaded()]
+    if version is not None:
+        model = registry.get(name, version)
+        return [(model.name, model.version)]
+    registry.get(name)  # 404 for an unknown model, with the models there are
+    return [(name, loaded) for loaded in registry.loaded_versions(name)]
+
+
 def _samples() -> dict[str, list]:
     """Every sample of the metrics that statistics read, by sample name."""
     if metrics.MULTIPROCESS_FOLDER:

@@ -11,6 +11,7 @@ from tests.test_deploy import (
     KSERVE_COMPONENT_FIELDS,
     KUBERNETES_VERSION,
     NEWEST_KUBERNETES,
+    base_docs,  # noqa: F401 - a fixture
     by_kind,
     pod_settings,
     render,
@@ -20,16 +21,11 @@ GRPC_PORT = Settings().GRPC_PORT
 
 
 @pytest.fixture(scope="module")
-def base_docs() -> list[dict]:
-    return render(K8S / "base")
-
-
-@pytest.fixture(scope="module")
 def grpc_docs() -> list[dict]:
     return render(K8S / "overlays" / "kserve-grpc")
 
 
-def test_the_base_service_routes_grpc_to_the_pods(base_docs):
+def test_the_base_service_routes_grpc_to_the_pods(base_docs):  # noqa: F811 - the fixture imported above
     service = by_kind(base_docs, "Service")
     grpc_port = next(port for port in service["spec"]["ports"] if port["name"] == "grpc")
     assert grpc_port["targetPort"] == "grpc" and grpc_port["appProtocol"] == "kubernetes.io/h2c"

@@ -26,14 +26,12 @@ from service.api.schemas import (
 )
 from service.errors import InvalidJSON, NotReady
 from service.inputs import parse_json
-from service.oip import ENCODED_INPUT, output_metadata
+from service.oip import ENCODED_INPUT, EXTENSIONS, output_metadata
 from service.registry import describe_verification
-from service.statistics import model_statistics
+from service.statistics import model_statistics, versions_covered
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# What ServerMetadata announces, over REST and gRPC alike.
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 
 
 @blueprint.get("")
@@ -128,19 +126,8 @@ def infer(name: str, version: str | None = None):
             "compute infer (ONNX Runtime) and compute output, per batch size too; every worker's together. Without "
             "a name, every loaded model.", tags=["inference"], responses={200: ModelStatisticsList}, errors=(404, 503))
 def statistics(name: str | None = None, version: str | None = None):
-    return reply(ModelStatisticsList, {"model_stats": model_statistics(stats_versions(state().registry, name,
-                                                                                        version))})
-
-
-def stats_versions(registry, name: str | None, version: str | None) -> list[tuple[str, str]]:
-    """The (model, version) pairs a statistics call covers: every loaded version, or those of a model, or one."""
-    if name is None:
-        return [(model.name, model.version) for model in registry.loaded()]
-    if version is not None:
-        model = registry.get(name, version)
-        return [(model.name, model.version)]
-    registry.get(name)  # 404 for an unknown model, with the models there are
-    return [(name, loaded) for loaded in registry.loaded_versions(name)]
+    return reply(ModelStatisticsList, {"model_stats": model_statistics(versions_covered(state().registry, name,
+                                                                                          version))})
 
 
 @blueprint.post("/repository/index")
