@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +35,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                load_models: bool = True) -> Flask:
     from flask import Flask
 
+    from service import logs
     from service.api import StrictJSONProvider, register_api
     from service.auth import ApiKeys, load_keys
     from service.metrics import MULTIPROCESS_FOLDER
@@ -47,7 +46,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     from service.settings import Settings
 
     settings = settings or Settings.from_env()
-    configure_logging(settings.LOG_LEVEL)
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     app.config["MAX_FORM_PARTS"] = settings.MAX_BATCH_IMAGES + 16  # file parts, and a few plain fields
@@ -66,13 +65,3 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         if repository.folder is not None:
             repository.start_watching()
     return app
-
-
-def configure_logging(level: str) -> None:
-    logger = logging.getLogger("convserve")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(level.upper())

@@ -29,12 +29,15 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import service
-from service import metrics, oip
+from service import metrics, oip, request_context
 from service.errors import InvalidTensor, Overloaded, ServiceError, Unauthorized
+from service.logs import ACCESS_LOGGER
 from service.proto import inference_pb2 as pb
+from service.request_context import REQUEST_ID_METADATA
 from service.statistics import model_statistics, versions_covered
 
 log = logging.getLogger("convserve")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 SERVICE = "inference.GRPCInferenceService"  # the protocol's name for it, whatever the .proto's package
 # Health service names a probe may ask for: "" and the inference service are readiness, "liveness" liveness.
@@ -111,29 +114,47 @@ class GrpcServer:
         route = f"/{SERVICE}/{name}"
 
         def handle(raw: bytes, context: grpc.ServicerContext) -> bytes:
-            started = time.perf_counter()
             status = 200
+            metadata = _Metadata(context.invocation_metadata())
+            call = request_context.begin(metadata.get(REQUEST_ID_METADATA))
+            context.set_trailing_metadata(((REQUEST_ID_METADATA, call.id),))  # with the status: no extra frame
             metrics.IN_FLIGHT.inc()
             try:
                 if protected:
-                    self.state.api_keys.require(_Metadata(context.invocation_metadata()))
+                    self.state.api_keys.require(metadata)
                 try:
                     request = message_type.FromString(raw)
                 except DecodeError:
                     raise InvalidTensor(f"The message is not a {name} request of the Open Inference "
                                         "Protocol.") from None
-                return method(request, len(raw), context).SerializeToString()
+                answer = method(request, len(raw), context)
+                began = time.perf_counter()
+                encoded = answer.SerializeToString()
+                call.add("encode", time.perf_counter() - began)
+                return encoded
             except ServiceError as error:
                 status = error.status
-                _abort(context, error)
+                if isinstance(error, Overloaded):
+                    call.shed_reason = error.reason
+                _abort(context, error, call.id)
             except Exception:
                 status = 500
                 log.exception("unhandled error in gRPC %s", name)
                 context.abort(grpc.StatusCode.INTERNAL, "Internal error; the server log has the details.")
             finally:
+                total = call.elapsed()
                 metrics.IN_FLIGHT.dec()
                 metrics.REQUESTS.labels(route, "POST", str(status), "grpc").inc()
-                metrics.REQUEST_LATENCY.labels(route, "POST", "grpc").observe(time.perf_counter() - started)
+                metrics.REQUEST_LATENCY.labels(route, "POST", "grpc").observe(total)
+                if call.model is not None and "encode" in call.stages:
+                    metrics.version_series(call.model, call.version).stages["encode"].observe(call.stages["encode"])
+                if access_log.isEnabledFor(logging.INFO):
+                    access_log.info("%s gRPC %s %d %.2fms %s", context.peer(), name, status, total * 1000,
+                                    call.summary(), extra={
+                                        "request_id": call.id, "protocol": "grpc", "method": name, "path": route,
+                                        "status": status, "total_ms": round(total * 1000, 3),
+                                        "remote": context.peer(), **call.fields()})
+                request_context.end()
 
         return handle
 
@@ -313,11 +334,11 @@ def _required(value: str, field: str) -> str:
     return value
 
 
-def _abort(context: grpc.ServicerContext, error: ServiceError) -> None:
+def _abort(context: grpc.ServicerContext, error: ServiceError, request_id: str) -> None:
     code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, Overloaded) else CODES.get(
         error.status, grpc.StatusCode.INVALID_ARGUMENT if error.status < 500 else grpc.StatusCode.UNAVAILABLE)
     if error.retry_after is not None:
-        context.set_trailing_metadata((("retry-after", str(error.retry_after)),
+        context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id), ("retry-after", str(error.retry_after)),
                                        ("grpc-retry-pushback-ms", str(int(error.retry_after * 1000)))))
     if isinstance(error, Unauthorized):
         log.info("gRPC call refused: %s", error.message)

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 
 from service.auth import load_keys
+from service.logs import gunicorn_logconfig
 from service.settings import Settings, SettingsError, stop
 
 # A bad setting stops the start here, once, before any worker: one line per problem on stderr and exit status 2.
@@ -40,10 +41,12 @@ timeout = settings.TIMEOUT
 graceful_timeout = settings.GRACEFUL_TIMEOUT
 # Also the time allowed for a request's headers to arrive (gevent.Timeout around the header parse).
 keepalive = settings.KEEPALIVE
-accesslog = "-"
+# The access log is the service's own (service/logs.py): with the request ID, model version and stage timings.
+accesslog = None
 errorlog = "-"
 loglevel = settings.LOG_LEVEL.lower()
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+if (_json_logs := gunicorn_logconfig(settings.LOG_FORMAT, settings.LOG_LEVEL)) is not None:
+    logconfig_dict = _json_logs
 # Request-line and header limits stay at gunicorn's defaults; the body limit is MAX_UPLOAD_BYTES in the app.
 # Proxy headers (X-Forwarded-*, SCRIPT_NAME) are believed only from these addresses: from anyone, a client could
 # rewrite its own path prefix past a proxy's rules.

@@ -120,6 +120,58 @@ for _result in ("ok", "failed"):
     API_KEY_RELOADS.labels(_result)
 
 
+# What the HTTP layer times per request, beside the inference stages (service/request_context.py names them all).
+REQUEST_STAGES = ("read_body", "encode")
+
+
+class VersionSeries:
+    """A model version's labelled series on the inference path, looked up once: prometheus_client's ``labels()``
+    takes a lock and checks the label values on every call, which was most of what recording a request cost."""
+
+    def __init__(self, model: str, version: str):
+        self.key = (model, version)
+        self.stages = {stage: STAGE_LATENCY.labels(model, version, stage) for stage in (*STAGES, *REQUEST_STAGES)}
+        self.outcomes = {outcome: MODEL_REQUEST_LATENCY.labels(model, version, outcome)
+                         for outcome in ("success", "fail")}
+        self.preprocess = PREPROCESS_LATENCY.labels(model, version)
+        self.inference = INFERENCE_LATENCY.labels(model, version)
+        self.batch_size = BATCH_SIZE.labels(model, version)
+        self.images = IMAGES_ANSWERED.labels(model, version)
+        self.last_inference = LAST_INFERENCE.labels(model, version)
+        self.confidence = CONFIDENCE.labels(model, version)
+        self.domain_score = DOMAIN_SCORE.labels(model, version)
+        self.out_of_domain = OUT_OF_DOMAIN.labels(model, version)
+        self._predictions: dict[str, object] = {}
+        self._executions: dict[int, tuple] = {}
+
+    def prediction(self, label: str):
+        child = self._predictions.get(label)
+        if child is None:
+            child = self._predictions[label] = PREDICTIONS.labels(*self.key, label)
+        return child
+
+    def execution(self, images: int) -> tuple:
+        """The call counter and the per-stage seconds of ONNX Runtime calls of this batch size."""
+        children = self._executions.get(images)
+        if children is None:
+            size = str(images)
+            children = self._executions[images] = (BATCH_EXECUTIONS.labels(*self.key, size), {
+                stage: BATCH_STAGE_SECONDS.labels(*self.key, size, stage)
+                for stage in ("compute_input", "compute_infer", "compute_output")})
+        return children
+
+
+_version_series: dict[tuple[str, str], VersionSeries] = {}
+
+
+def version_series(model: str, version: str) -> VersionSeries:
+    """The series of a model version (made on first use; a few per version ever served, so the cache stays small)."""
+    series = _version_series.get((model, version))
+    if series is None:
+        series = _version_series[(model, version)] = VersionSeries(model, version)
+    return series
+
+
 def record_verifications(model: str, version: str, verifications: dict) -> None:
     for precision, check in verifications.items():
         VERIFICATION.labels(model, version, precision).set(1 if check.passed else 0)
@@ -135,14 +187,14 @@ def record_baselines(model: str, version: str, baselines) -> None:
 
 def record_answers(model: str, version: str, confidence, domain_score, in_domain) -> None:
     """Per image: its confidence and domain score, and whether it was out of domain."""
-    confidence_series, domain_series = CONFIDENCE.labels(model, version), DOMAIN_SCORE.labels(model, version)
-    for value in confidence:
-        confidence_series.observe(float(value))
-    for value in domain_score:
-        domain_series.observe(float(value))
+    series = version_series(model, version)
+    for value in confidence.tolist():
+        series.confidence.observe(value)
+    for value in domain_score.tolist():
+        series.domain_score.observe(value)
     outside = int(len(in_domain) - in_domain.sum())
     if outside:
-        OUT_OF_DOMAIN.labels(model, version).inc(outside)
+        series.out_of_domain.inc(outside)
 
 
 EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, INFERENCE_LATENCY, BATCH_SIZE,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -49,10 +50,24 @@ class Outputs:
         return [Outputs(*parts) for parts in zip(*(np.split(getattr(self, f.name), cuts) for f in fields(self)))]
 
 
+# An ONNX NodeProto's op_type is field 4, length-delimited (tag 0x22), then its length: these bytes appear in a graph
+# that holds the operator (in its main graph, a subgraph or a local function). Another field may hold the same bytes
+# by chance; that only costs the graph the event-loop shortcut.
+_CONTROL_FLOW_OPS = (b"\x22\x04Loop", b"\x22\x04Scan", b"\x22\x02If", b"\x22\x0bSequenceMap")
+
+
+def has_control_flow(graph: bytes) -> bool:
+    """True when the serialized ONNX model may hold an operator whose running time depends on the input's values."""
+    return any(marker in graph for marker in _CONTROL_FLOW_OPS)
+
+
 class OnnxModel:
     def __init__(self, folder: Path, intra_op_threads: int = 1, precision: str = "int8",
                  tolerances: Tolerances = Tolerances()):
         self.folder = folder
+        # The store layout, not metadata, decides what a model is called (read once: it is on every request's path).
+        self.name: str = folder.parent.name
+        self.version: str = folder.name
         self.intra_op_threads = intra_op_threads
         self.wanted_precision = precision
         self.tolerances = tolerances
@@ -67,15 +82,10 @@ class OnnxModel:
         self._inspect_session: ort.InferenceSession | None = None
         self._filters: np.ndarray | None = None
         self._inspect_lock = threading.Lock()
+        # Whether one image's cost is fixed by the input's shape (no Loop, Scan or If in the graph), and what it is.
+        self.fixed_cost = False
+        self.image_seconds = float("inf")
         self.ready = False
-
-    @property
-    def name(self) -> str:
-        return self.folder.parent.name  # the store layout, not metadata, decides what a model is called
-
-    @property
-    def version(self) -> str:
-        return self.folder.name
 
     @property
     def labels(self) -> list[str]:
@@ -124,13 +134,27 @@ class OnnxModel:
             raise ModelLoadError(f"missing file {exc.filename}") from exc
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"ONNX Runtime could not load the model: {exc}") from exc
-        self.predict(np.zeros((1, *self.input_shape[1:]), dtype=np.float32))  # warm-up: first run allocates
+        self.image_seconds = self._warm_up()
         self.ready = True
+
+    def _warm_up(self, runs: int = 5) -> float:
+        """The first run allocates; the median of a few more is what one image costs here (it decides whether a
+        request is small enough to run on the event loop: service/pipeline.py)."""
+        image = np.zeros((1, *self.input_shape[1:]), dtype=np.float32)
+        self.predict(image)
+        timings = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            self.predict(image)
+            timings.append(time.perf_counter() - started)
+        return sorted(timings)[runs // 2]
 
     def _serve(self, precision: str, stored: StoredFile, checks: VerificationSet | None) -> None:
         """Open ``stored`` as the graph that serves, and verify it when the version has a verification set."""
         self.precision, self.served_file = precision, stored
-        self.session = self._open(self._verified(stored))
+        path = self._verified(stored)
+        self.fixed_cost = not has_control_flow(path.read_bytes())
+        self.session = self._open(path)
         if checks is not None:
             self.verifications[precision] = verification.verify(
                 precision, self.predict, lambda images: normalize(images, self.spec), checks, self.tolerances)

@@ -8,17 +8,28 @@ inference thread, bounded in how many wait and for how long.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from service import metrics, oip, visualize
+from service import metrics, oip, request_context, visualize
 from service.errors import DecodeBudgetExceeded, InvalidParameter, ServiceError
 from service.model import CLASSIFY_OUTPUTS, OnnxModel, Outputs
-from service.preprocessing import decode_opened, decoded_bytes, normalize, open_for
+from service.preprocessing import decode_opened, decoded_bytes, normalize, open_for, open_image
 from service.scheduler import InferenceQueue
 from service.settings import Settings
+
+# What "small" means for work that may skip the hand-over to a thread: each image at most this many pixels (its
+# decode then takes tens of microseconds) and, on average, this many bytes.
+INLINE_MAX_PIXELS = 128 * 128
+INLINE_MAX_BYTES = 64 * 1024
+
+
+def _pixels(image) -> int:
+    width, height = image.size
+    return width * height
 
 
 class InferencePipeline:
@@ -33,7 +44,8 @@ class InferencePipeline:
             return {"model": model.name, "version": model.version, "precision": model.precision,
                     "predictions": predictions(model.labels, outputs, top_k)}
 
-        return self._inference(model, lambda: self.preprocess(model, images), answer, len(images))
+        return self._inference(model, lambda: self.preprocess(model, images), answer, len(images),
+                               inline=self._small(model, images))
 
     def inspect(self, model: OnnxModel, image: bytes, class_label: str | None) -> dict:
         return self.queue.run(self._inspect, model, image, class_label)
@@ -58,43 +70,65 @@ class InferencePipeline:
                                patience)
 
     # batched inference ---------------------------------------------------------------------------------------------
+    def _small(self, model: OnnxModel, images: list[bytes]) -> bool:
+        """Whether decoding and running these images costs less than handing them to a thread: small encoded
+        images (read from their headers alone), through a graph whose cost is fixed by its input shape, at the
+        speed measured at load. Such work may run on the event loop (service/scheduler.py)."""
+        budget = self.settings.INLINE_WORK_SECONDS
+        if not budget or not model.fixed_cost or model.image_seconds * len(images) > budget:
+            return False
+        if sum(len(data) for data in images) > INLINE_MAX_BYTES * len(images):
+            return False
+        try:
+            return all(_pixels(open_image(data)) <= INLINE_MAX_PIXELS for data in images)
+        except ServiceError:  # not an image: the thread's decode answers it, as for any other request
+            return False
+
     def _inference(self, model: OnnxModel, prepare: Callable[[], np.ndarray], answer: Callable[[Outputs], Any],
-                   images: int, patience: float | None = None):
+                   images: int, patience: float | None = None, inline: bool = False):
         """One request through the queue, batched with the others waiting for this version; its outcome and time
-        are counted for the statistics (service/statistics.py)."""
+        are counted for the statistics (service/statistics.py) and its stages written to its request context."""
+        series = metrics.version_series(model.name, model.version)
+        context = request_context.current()
+        if context is not None:
+            context.model, context.version = model.name, model.version
         queued = time.perf_counter()
         try:
-            result = self.queue.run_batched((model.name, model.version), self._run_batch, model, prepare, answer,
-                                            queued, size=images, patience=patience)
+            result = self.queue.run_batched(series.key, self._run_batch, model, prepare, answer, queued, context,
+                                            size=images, patience=patience, inline=inline)
         except ServiceError:
-            metrics.MODEL_REQUEST_LATENCY.labels(model.name, model.version, "fail").observe(
-                time.perf_counter() - queued)
+            series.outcomes["fail"].observe(time.perf_counter() - queued)
             raise
-        metrics.MODEL_REQUEST_LATENCY.labels(model.name, model.version, "success").observe(
-            time.perf_counter() - queued)
+        series.outcomes["success"].observe(time.perf_counter() - queued)
         return result
 
     def _run_batch(self, requests: list[tuple]) -> list:
         """Several requests → one answer (or the client error of its own input) each, in order: every request's
         input is prepared, the good ones run as one ONNX Runtime call, and each shapes its own answer."""
         model: OnnxModel = requests[0][0]
+        series = metrics.version_series(model.name, model.version)
+        stages = series.stages
         started = time.perf_counter()
-        stages = {stage: metrics.STAGE_LATENCY.labels(model.name, model.version, stage) for stage in metrics.STAGES}
         batches: list[np.ndarray | ServiceError] = []
-        for _, prepare, _, queued in requests:
+        for _, prepare, _, queued, context in requests:
             stages["queue"].observe(started - queued)
             began = time.perf_counter()
             try:
                 batches.append(prepare())
             except ServiceError as error:  # one request's bad input fails that request only
                 batches.append(error)
-            stages["compute_input"].observe(time.perf_counter() - began)
+            took = time.perf_counter() - began
+            stages["compute_input"].observe(took)
+            if context is not None:
+                context.add("queue", started - queued)
+                context.add("compute_input", took)
         prepared = time.perf_counter()
         good = [batch for batch in batches if isinstance(batch, np.ndarray)]
+        images = sum(len(b) for b in good)
         outputs = iter(self.predict(model, np.concatenate(good)).split([len(b) for b in good]) if good else ())
         inferred = time.perf_counter()
         answers = []
-        for (_, _, answer, _), batch in zip(requests, batches):
+        for (_, _, answer, _, context), batch in zip(requests, batches):
             if isinstance(batch, ServiceError):
                 answers.append(batch)
                 continue
@@ -104,22 +138,27 @@ class InferencePipeline:
                 answers.append(answer(next(outputs)))
             except ServiceError as error:
                 answers.append(error)
-            stages["compute_output"].observe(time.perf_counter() - began)
+            took = time.perf_counter() - began
+            stages["compute_output"].observe(took)
+            if context is not None:
+                context.add("compute_infer", inferred - prepared)
+                context.add("compute_output", took)
+                context.batch_size = images
         if good:
-            self._count_execution(model, sum(len(b) for b in good), prepared - started, inferred - prepared,
+            self._count_execution(series, images, prepared - started, inferred - prepared,
                                   time.perf_counter() - inferred)
         return answers
 
     @staticmethod
-    def _count_execution(model: OnnxModel, images: int, compute_input: float, compute_infer: float,
+    def _count_execution(series: metrics.VersionSeries, images: int, compute_input: float, compute_infer: float,
                          compute_output: float) -> None:
-        size = str(images)
-        metrics.BATCH_EXECUTIONS.labels(model.name, model.version, size).inc()
-        for stage, seconds in (("compute_input", compute_input), ("compute_infer", compute_infer),
-                               ("compute_output", compute_output)):
-            metrics.BATCH_STAGE_SECONDS.labels(model.name, model.version, size, stage).inc(seconds)
-        metrics.IMAGES_ANSWERED.labels(model.name, model.version).inc(images)
-        metrics.LAST_INFERENCE.labels(model.name, model.version).set(time.time())
+        calls, seconds = series.execution(images)
+        calls.inc()
+        seconds["compute_input"].inc(compute_input)
+        seconds["compute_infer"].inc(compute_infer)
+        seconds["compute_output"].inc(compute_output)
+        series.images.inc(images)
+        series.last_inference.set(time.time())
 
     def preprocess(self, model: OnnxModel, images: list[bytes]) -> np.ndarray:
         """Every image's header is read and the request's decoding cost checked (DECODE_BUDGET_BYTES) before any
@@ -137,22 +176,25 @@ class InferencePipeline:
         decoded = np.stack([self._each(index, count, decode_opened, image, model.spec)
                             for index, image in enumerate(opened)])
         batch = normalize(decoded, model.spec)
-        metrics.PREPROCESS_LATENCY.labels(model.name, model.version).observe(time.perf_counter() - started)
+        metrics.version_series(model.name, model.version).preprocess.observe(time.perf_counter() - started)
         return batch
 
     def predict(self, model: OnnxModel, batch: np.ndarray) -> Outputs:
         """One ONNX Runtime call for the whole batch; counts the predicted labels and records drift metrics."""
         started = time.perf_counter()
         outputs = model.predict(batch)
-        metrics.INFERENCE_LATENCY.labels(model.name, model.version).observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.labels(model.name, model.version).observe(len(batch))
+        series = metrics.version_series(model.name, model.version)
+        series.inference.observe(time.perf_counter() - started)
+        series.batch_size.observe(len(batch))
         self._count(model, outputs)
         return outputs
 
     @staticmethod
     def _count(model: OnnxModel, outputs: Outputs) -> None:
-        for label_index, count in zip(*np.unique(outputs.probabilities.argmax(1), return_counts=True)):
-            metrics.PREDICTIONS.labels(model.name, model.version, model.labels[label_index]).inc(int(count))
+        series = metrics.version_series(model.name, model.version)
+        # Counted in Python: np.unique costs 40 us, more than the rest of this for the usual one or few images.
+        for label_index, count in Counter(outputs.probabilities.argmax(1).tolist()).items():
+            series.prediction(model.labels[label_index]).inc(count)
         metrics.record_answers(model.name, model.version, outputs.probabilities.max(1), outputs.domain_score,
                                outputs.in_domain)
 

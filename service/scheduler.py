@@ -19,6 +19,10 @@ Runtime call, a decoder in a loop); its thread cannot be taken back. The queue t
 requests and every waiting one get 503 ``worker_unhealthy`` at once, new ones too, and ``on_unhealthy`` is told
 (service/worker.py then takes the worker out of service to be replaced).
 
+Work smaller than the hand-over (a 32x32 image through lenet: 0.3 ms of work, against about 0.8 ms to hand it to a
+thread and back on a 2-core VM) may run on the event loop itself when it would lead alone: the pipeline marks it
+``inline`` (service/pipeline.py says when); it then blocks the loop for less than a millisecond.
+
 Real threads may queue too (a gRPC call, service/grpc_server.py): they wait on a real event, and when their turn
 comes they run the batch on their own thread (REST's requests batched with them included), with no hand-over; the
 event loop watches those batches for the watchdog. Outside gevent (the Flask test client, a sync worker) every
@@ -54,12 +58,14 @@ class Job:
     """One request's work. ``state``: waiting → leading (it runs, with any batch it gathered) or batched (a leader
     runs it) → done. Its event is set when it may lead or when its result is ready."""
 
-    __slots__ = ("batch_key", "size", "work", "args", "event", "state", "result", "error", "queued", "patience")
+    __slots__ = ("batch_key", "size", "work", "args", "event", "state", "result", "error", "queued", "patience",
+                 "inline")
 
     def __init__(self, work: Callable, args: tuple, batch_key: Hashable | None, size: int, event,
-                 patience: float | None = None):
+                 patience: float | None = None, inline: bool = False):
         self.work, self.args, self.batch_key, self.size, self.event = work, args, batch_key, size, event
         self.patience = patience  # how long it may wait, when less than queue_timeout (a gRPC client's deadline)
+        self.inline = inline  # small enough to run on the event loop when it leads alone
         self.state = "waiting"
         self.queued = time.perf_counter()
         self.result: Any = None
@@ -148,10 +154,11 @@ class InferenceQueue:
         else:
             self._loop.run_callback_threadsafe(job.event.set)
 
-    def _execute(self, work: Callable, args: tuple, requests: int):
-        """A greenlet hands the work to the loop's thread pool (the loop keeps serving) with the watchdog's timeout;
-        a real thread runs it itself, watched by _watch_real_threads."""
-        if self._on_loop():
+    def _execute(self, work: Callable, args: tuple, requests: int, inline: bool = False):
+        """A greenlet hands the work to the loop's thread pool (the loop keeps serving) with the watchdog's timeout,
+        unless it is ``inline`` (smaller than the hand-over itself: it runs on the loop); a real thread runs it
+        itself, watched by _watch_real_threads."""
+        if self._on_loop() and not inline:
             return self._execute_on_loop(work, args, requests)
         return work(*args)
 
@@ -160,11 +167,12 @@ class InferenceQueue:
         return self._submit(Job(work, args, None, 1, self._make_event()))
 
     def run_batched(self, batch_key: Hashable, batch_work: Callable[[list[tuple]], list], *args, size: int = 1,
-                    patience: float | None = None):
+                    patience: float | None = None, inline: bool = False):
         """Like ``run``, but jobs with the same ``batch_key`` that wait together run as one
         ``batch_work([args, ...])``, which returns one result (or exception instance) per job, in order.
-        ``patience``: wait at most this long (if less than queue_timeout), then shed."""
-        return self._submit(Job(batch_work, args, batch_key, size, self._make_event(), patience))
+        ``patience``: wait at most this long (if less than queue_timeout), then shed. ``inline``: the work is
+        smaller than handing it to a thread; when it runs alone, it runs on the calling greenlet."""
+        return self._submit(Job(batch_work, args, batch_key, size, self._make_event(), patience, inline))
 
     # internals -----------------------------------------------------------------------------------------------------
     def _submit(self, job: Job):
@@ -206,7 +214,8 @@ class InferenceQueue:
             if job.batch_key is None:
                 job.result = self._execute(job.work, job.args, 1)
             else:
-                outcomes = self._execute(job.work, ([member.args for member in batch],), len(batch))
+                outcomes = self._execute(job.work, ([member.args for member in batch],), len(batch),
+                                         job.inline and len(batch) == 1)
                 for member, outcome in zip(batch, outcomes):
                     if isinstance(outcome, BaseException):
                         member.error = outcome

@@ -36,6 +36,7 @@ from gunicorn import util
 from gunicorn.workers import base as base_worker
 from gunicorn.workers.ggevent import GeventWorker
 
+from service import request_context
 from service.errors import BACKOFF_ENVIRON_KEY, HTTP_STATUS_CODES
 from service.settings import Settings
 
@@ -144,8 +145,12 @@ class _JsonErrors:
         if status >= 500:
             message = "Internal error; the server log has the details."
         body = json.dumps({"error": {"code": code, "message": message or reason}}).encode()
+        request_id = request_context.request_id(None)  # the request could not be parsed: its own ID is unknown
+        log.info("gunicorn answered %d %s itself: %s", status, reason, message or reason,
+                 extra={"request_id": request_id})
         head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                f"X-Content-Type-Options: nosniff\r\nContent-Length: {len(body)}\r\n\r\n")
+                f"X-Content-Type-Options: nosniff\r\n{request_context.REQUEST_ID_HEADER}: {request_id}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
         util.write_nonblock(sock, head.encode("latin-1") + body)
         _linger(sock)
 

@@ -244,7 +244,7 @@ def test_v1_classify_and_v2_infer_share_one_batch_key_and_one_call(app, monkeypa
 
     queued = []
     monkeypatch.setattr(pipeline.queue, "run_batched",
-                        lambda key, work, *args, size, patience=None: queued.append((key, work, args)))
+                        lambda key, work, *args, size, patience=None, inline=False: queued.append((key, work, args)))
     pipeline.classify(model, images, None)
     pipeline.infer(model, v2_request, b"")
     assert queued[0][0] == queued[1][0], "one batch key for both"

@@ -102,6 +102,8 @@ BAD_VALUES = [
     ("BODY_BUFFER_BYTES", "0", ">= 1"), ("DECODE_BUDGET_BYTES", "-1", ">= 1"),
     ("ORT_INTRA_OP_THREADS", "0", "a whole number >= 1"),
     ("LOG_LEVEL", "verbose", "one of DEBUG, INFO, WARNING, ERROR"),
+    ("LOG_FORMAT", "xml", "one of text, json"),
+    ("INLINE_WORK_SECONDS", "-0.001", "a number of seconds >= 0"),
     ("FORWARDED_ALLOW_IPS", "proxy.local", "'*', or comma-separated IP addresses or networks"),
     ("FORWARDED_ALLOW_IPS", "10.0.0.1/8", "networks"),
     ("CORS_ORIGINS", "https://app.example.org/", "scheme://host[:port], no path"),

@@ -1,5 +1,6 @@
-"""HTTP layer: blueprints, the one mapping from errors to JSON bodies, request metrics, CORS, and the request
-body: admitted, read within BODY_TIMEOUT and MAX_UPLOAD_BYTES, before any view runs."""
+"""HTTP layer: blueprints, the one mapping from errors to JSON bodies, request metrics, CORS, the request body
+(admitted, read within BODY_TIMEOUT and MAX_UPLOAD_BYTES, before any view runs), and each request's ID, stage
+timings (``Server-Timing``) and access line (service/request_context.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from flask.json.provider import DefaultJSONProvider
 from pydantic import BaseModel
 from werkzeug.exceptions import HTTPException
 
-from service import metrics
+from service import metrics, request_context
 from service.api import schemas
 from service.errors import (
     BACKOFF_ENVIRON_KEY,
@@ -25,10 +26,13 @@ from service.errors import (
     ServiceError,
     Unauthorized,
 )
+from service.logs import ACCESS_LOGGER
+from service.request_context import REQUEST_ID_HEADER
 from service.scheduler import gevent_active
 from service.settings import Settings
 
 log = logging.getLogger("convserve")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 # Requests to these views queue for an inference thread: when that queue is full they are shed before their body is
 # read (decide before you spend).
@@ -62,7 +66,7 @@ def register_api(app: Flask, settings: Settings) -> None:
     app.before_request(_start_timer)
     app.before_request(_authorize)
     app.before_request(_admit_and_read_body)
-    app.after_request(_record_request)
+    app.after_request(_record_request)  # after_request functions run last-registered first: this one runs last
     app.teardown_request(_leave)
     app.after_request(_security_headers)
     if settings.cors_origins:
@@ -79,8 +83,16 @@ def register_api(app: Flask, settings: Settings) -> None:
 def reply(model: type[BaseModel], body, status: int = 200) -> Response:
     """A JSON answer built through its model (service/api/schemas.py): a body that does not fit is a server bug,
     answered 500 and logged, never sent. Fields the view did not set are left out."""
-    document = model.model_validate(body).model_dump_json(exclude_unset=True)
-    return Response(document, status=status, mimetype="application/json")
+    return Response(encoded(model, body), status=status, mimetype="application/json")
+
+
+def encoded(model: type[BaseModel], body) -> bytes:
+    """The JSON of an answer, timed as the request's ``encode`` stage."""
+    began = time.perf_counter()
+    document = model.model_validate(body).model_dump_json(exclude_unset=True).encode()
+    if (context := request_context.current()) is not None:
+        context.add("encode", time.perf_counter() - began)
+    return document
 
 
 def error_response(status: int, code: str, message: str):
@@ -97,6 +109,8 @@ def _service_error(error: ServiceError):
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, Overloaded):
+        if (context := request_context.current()) is not None:
+            context.shed_reason = error.reason
         if error.reason == "queue_full":
             request.environ[BACKOFF_ENVIRON_KEY] = state().settings.SHED_BACKOFF
     if isinstance(error, (RequestTimeout, PayloadTooLarge)) and g.get("body_unread"):
@@ -130,7 +144,9 @@ def _admit_and_read_body() -> None:
     except Overloaded:
         _read_body(limit, settings.BODY_TIMEOUT, keep=False)
         raise
+    began = time.perf_counter()
     body = _read_body(limit, settings.BODY_TIMEOUT, keep=True)
+    g.context.add("read_body", time.perf_counter() - began)
     request.environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))})
     request.environ.pop("HTTP_TRANSFER_ENCODING", None)
 
@@ -209,7 +225,7 @@ def _route() -> str:
 
 
 def _start_timer() -> None:
-    g.started = time.perf_counter()
+    g.context = request_context.begin(request.headers.get(REQUEST_ID_HEADER))
     if _route() not in UNMETERED_ROUTES:
         metrics.IN_FLIGHT.inc()
         g.metered = True
@@ -221,11 +237,33 @@ def _method() -> str:
 
 
 def _record_request(response):
+    """Every answer gets the request's ID and its Server-Timing; then its metrics and its access line."""
+    context: request_context.RequestContext = g.context
+    total = context.elapsed()
+    response.headers[REQUEST_ID_HEADER] = context.id
+    response.headers["Server-Timing"] = context.server_timing(total)
     route = _route()
     if route not in UNMETERED_ROUTES:
         metrics.REQUESTS.labels(route, _method(), str(response.status_code), "http").inc()
-        metrics.REQUEST_LATENCY.labels(route, _method(), "http").observe(time.perf_counter() - g.started)
+        metrics.REQUEST_LATENCY.labels(route, _method(), "http").observe(total)
+        if context.model is not None:
+            stages = metrics.version_series(context.model, context.version).stages
+            for stage in metrics.REQUEST_STAGES:
+                if stage in context.stages:
+                    stages[stage].observe(context.stages[stage])
+    if access_log.isEnabledFor(logging.INFO):
+        _log_access(context, response, total)
     return response
+
+
+def _log_access(context: request_context.RequestContext, response, total: float) -> None:
+    path = request.path if len(request.path) <= 200 and request.path.isprintable() else ascii(request.path[:200])
+    size = response.content_length
+    access_log.info("%s %s %s %d %sB %.2fms %s", request.remote_addr, request.method[:16], path,
+                    response.status_code, size if size is not None else "-", total * 1000, context.summary(),
+                    extra={"request_id": context.id, "protocol": "http", "method": request.method[:16],
+                           "path": path, "status": response.status_code, "bytes": size,
+                           "total_ms": round(total * 1000, 3), "remote": request.remote_addr, **context.fields()})
 
 
 def _security_headers(response):
@@ -248,6 +286,7 @@ def _vary_on_origin(response):
 
 
 def _leave(exc) -> None:
+    request_context.end()
     if g.pop("metered", False):
         metrics.IN_FLIGHT.dec()
     held = g.pop("held_bytes", 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 import service
-from service.api import reply, state
+from service.api import encoded, reply, state
 from service.api.openapi import Reply, documented
 from service.api.schemas import (
     InferenceResponse,
@@ -112,7 +112,7 @@ def infer(name: str, version: str | None = None):
     body, blobs = app.pipeline.infer(model, header, binary)
     if not blobs:
         return reply(InferenceResponse, body)
-    json_part = InferenceResponse.model_validate(body).model_dump_json(exclude_unset=True).encode()
+    json_part = encoded(InferenceResponse, body)
     response = Response(json_part + b"".join(blobs), content_type="application/octet-stream")
     response.headers[HEADER_LENGTH] = str(len(json_part))
     return response
