@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.inprocess import in_process_worker  # noqa: E402
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
+from bench.overhead import overhead_cases  # noqa: E402
 from bench.protocols import compare, grpc_overload, run_rest  # noqa: E402
 from bench.soak import soak  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--soak-seconds", type=float, default=600, help="length of the mixed soak (0: none)")
     parser.add_argument("--only-soak", action="store_true", help="run the soak alone")
+    parser.add_argument("--only-overhead", action="store_true",
+                        help="run the server overhead at one connection (and its stage breakdown) alone")
     parser.add_argument("--only-protocols", action="store_true",
                         help="run the REST vs gRPC comparison of /v2 infer alone")
     args = parser.parse_args(argv)
@@ -143,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                    "machine": {"cpus": available_cpus(), **cpu(), "python": platform.python_version()},
                    "workers": args.workers, "soak": soak(work / "soak", store, images["32x32 PNG"][0], args.workers,
                                                          args.soak_seconds)}
+        shutil.rmtree(work, ignore_errors=True)
+        return write_results(results, args.out)
+    if args.only_overhead:
+        results = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                   "machine": {"cpus": available_cpus(), **cpu(), "python": platform.python_version()},
+                   "workers": args.workers, "overhead": overhead(work, wrk, store, args)}
         shutil.rmtree(work, ignore_errors=True)
         return write_results(results, args.out)
     if args.only_protocols:
@@ -183,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         served.stop()
         baseline.stop()
+    results["overhead"] = overhead(work, wrk, store, args)
     results["protocols"] = protocol_cases(work, images, args)
     results["precision"] = served_precisions(work, wrk, images, args)
     results["sigterm_drain"] = sigterm_under_load(work, images, args)
@@ -192,6 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     print_table(results)
     return write_results(results, args.out)
+
+
+def overhead(work: Path, wrk: Wrk, store: Path, args) -> dict:
+    """Server overhead at one connection for each model (bench/overhead.py): as shipped, and with every request
+    handed to an inference thread (INLINE_WORK_SECONDS=0), on two servers side by side."""
+    configurations = {"as shipped": {}, "always a thread": {"INLINE_WORK_SECONDS": "0"}}
+    servers = {}
+    for index, (name, settings) in enumerate(configurations.items()):
+        (work / f"overhead-{index}").mkdir(exist_ok=True)
+        servers[name] = GunicornServer(work / f"overhead-{index}", WORKERS=args.workers, **settings)
+    payload = encode(pattern(32, 32, seed=2), "JPEG", quality=90)
+    folders = {name: latest_version(store, name) for name in ("lenet", "convnet")}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        return overhead_cases(wrk, servers, folders, payload, args.seconds)
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 def protocol_cases(work: Path, images, args) -> dict:

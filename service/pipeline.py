@@ -73,9 +73,13 @@ class InferencePipeline:
     def _small(self, model: OnnxModel, images: list[bytes]) -> bool:
         """Whether decoding and running these images costs less than handing them to a thread: small encoded
         images (read from their headers alone), through a graph whose cost is fixed by its input shape, at the
-        speed measured at load. Such work may run on the event loop (service/scheduler.py)."""
+        speed measured at load, while this worker serves no other request (under concurrency the thread wins:
+        requests that wait together share one ONNX Runtime call). Such work may run on the event loop
+        (service/scheduler.py)."""
         budget = self.settings.INLINE_WORK_SECONDS
         if not budget or not model.fixed_cost or model.image_seconds * len(images) > budget:
+            return False
+        if not request_context.alone():  # other clients: a thread lets their requests be read and batch with it
             return False
         if sum(len(data) for data in images) > INLINE_MAX_BYTES * len(images):
             return False

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -32,6 +34,8 @@ STAGE_DESCRIPTIONS = {
 }
 
 _current: ContextVar[RequestContext | None] = ContextVar("convserve_request", default=None)
+_open = [0]  # requests this process is serving now (REST and gRPC); real threads change it too, under the lock
+_open_lock = threading.Lock()
 
 
 class RequestContext:
@@ -93,9 +97,11 @@ def request_id(supplied: str | None) -> str:
 
 
 def begin(supplied: str | None) -> RequestContext:
-    """A context for the request now being served on this greenlet or thread."""
+    """A context for the request now being served on this greenlet or thread; ``end`` closes it."""
     context = RequestContext(request_id(supplied))
     _current.set(context)
+    with _open_lock:
+        _open[0] += 1
     return context
 
 
@@ -104,7 +110,34 @@ def current() -> RequestContext | None:
 
 
 def end() -> None:
-    _current.set(None)
+    if _current.get() is not None:
+        _current.set(None)
+        with _open_lock:
+            _open[0] -= 1
+
+
+def serving() -> int:
+    """How many requests this process is serving now (begun and not ended)."""
+    return _open[0]
+
+
+_connections = [0]  # HTTP connections this worker holds open (the event loop alone changes it)
+
+
+@contextmanager
+def connection():
+    """Counts an HTTP connection while the worker handles it (service/worker.py)."""
+    _connections[0] += 1
+    try:
+        yield
+    finally:
+        _connections[0] -= 1
+
+
+def alone() -> bool:
+    """True when this worker holds at most one HTTP connection and serves at most one request: nobody else's
+    request is waiting to be read behind this one."""
+    return _connections[0] <= 1 and _open[0] <= 1
 
 
 class RequestIdFilter(logging.Filter):

@@ -65,6 +65,10 @@ class ServingWorker(GeventWorker):
         if state is not None:
             state.pipeline.queue.on_unhealthy = self._out_of_service
 
+    def handle(self, listener, client, addr):
+        with request_context.connection():  # small work runs on the loop only while one client is connected
+            super().handle(listener, client, addr)
+
     def run(self):
         state = self.app_state
         self.grpc = None

@@ -1,0 +1,127 @@
+"""Server overhead at one connection, and where a request's time goes.
+
+Overhead = classify p50 over HTTP (wrk, one connection, the service as deployed) − p50 of the same decode +
+preprocessing + ONNX Runtime run in this process (one thread, no HTTP), for the same 32x32 JPEG and model. Each
+configuration (the service as shipped, and variants such as INLINE_WORK_SECONDS=0, every request handed to a thread)
+runs on its own server, interleaved, so the ratio is taken in one run on one noisy machine.
+
+The breakdown per stage comes from the answers' ``Server-Timing`` headers (one sequential client) and, for the same
+requests, from the stage histogram's sums (convserve_model_stage_duration_seconds): the two must agree.
+"""
+
+from __future__ import annotations
+
+import http.client
+import statistics
+import time
+from pathlib import Path
+
+import requests
+
+from service.model import OnnxModel
+from service.preprocessing import decode, normalize
+
+STAGE_METRIC = "convserve_model_stage_duration_seconds"
+
+
+def in_process_p50_ms(folder: Path, payload: bytes, runs: int = 2000) -> float:
+    model = OnnxModel(folder, intra_op_threads=1)
+    model.load()
+    for _ in range(200):
+        model.predict(normalize(decode(payload, model.spec)[None], model.spec))
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        model.predict(normalize(decode(payload, model.spec)[None], model.spec))
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings) * 1000
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: queue;dur=0.012, compute_infer;dur=0.1;desc="batch of 1", total;dur=1.2`` → {name: ms}."""
+    stages = {}
+    for part in header.split(","):
+        name, *params = (piece.strip() for piece in part.split(";"))
+        for param in params:
+            if param.startswith("dur="):
+                stages[name] = float(param[4:])
+    return stages
+
+
+def stage_sums(server, model: str) -> dict[str, tuple[float, float]]:
+    """Per stage of ``model``'s latest version: (sum of seconds, count) from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, tuple[float, float]] = {}
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        if family.name != STAGE_METRIC:
+            continue
+        for sample in family.samples:
+            if sample.labels.get("model") != model or not sample.name.endswith(("_sum", "_count")):
+                continue
+            total, count = found.get(sample.labels["stage"], (0.0, 0.0))
+            found[sample.labels["stage"]] = ((total + sample.value, count) if sample.name.endswith("_sum")
+                                             else (total, count + sample.value))
+    return found
+
+
+def breakdown(server, model: str, payload: bytes, requests_count: int = 300) -> dict:
+    """``requests_count`` classify requests one after another on one connection: the median of each stage from
+    Server-Timing, and the mean of each stage from the header and from the histogram over the same requests."""
+    path = f"/v1/models/{model}/classify"
+    before = stage_sums(server, model)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    headers = {"Content-Type": "image/jpeg"}
+    timings: list[dict[str, float]] = []
+    try:
+        for _ in range(requests_count):
+            connection.request("POST", path, body=payload, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status == 200:
+                timings.append(server_timing(response.getheader("Server-Timing", "")))
+    finally:
+        connection.close()
+    after = stage_sums(server, model)
+    stages = [name for name in timings[0] if name != "total"] if timings else []
+    result = {"requests": len(timings), "median_ms": {}, "mean_ms_header": {}, "mean_ms_histogram": {}}
+    for stage in [*stages, "total"]:
+        values = [timing.get(stage, 0.0) for timing in timings]
+        result["median_ms"][stage] = round(statistics.median(values), 3)
+        result["mean_ms_header"][stage] = round(statistics.fmean(values), 3)
+        if stage in after:
+            seconds = after[stage][0] - before.get(stage, (0.0, 0.0))[0]
+            count = after[stage][1] - before.get(stage, (0.0, 0.0))[1]
+            result["mean_ms_histogram"][stage] = round(seconds * 1000 / count, 3) if count else None
+    return result
+
+
+def overhead_cases(wrk, servers: dict, folders: dict[str, Path], payload: bytes, seconds: float,
+                   repeats: int = 2) -> dict:
+    """For each model and configuration: classify p50 at one connection (the lowest of ``repeats`` interleaved
+    runs), the in-process p50, their difference, and (as shipped) the stage breakdown."""
+    result = {}
+    for model, folder in folders.items():
+        in_process = in_process_p50_ms(folder, payload)
+        runs: dict[str, list[float]] = {name: [] for name in servers}
+        for _ in range(repeats):
+            for name, server in servers.items():
+                url = f"{server.url}/v1/models/{model}/classify"
+                wrk.run(url, payload, "image/jpeg", 1, 1)  # warm the connection path
+                runs[name].append(wrk.run(url, payload, "image/jpeg", 1, seconds)["p50_ms"])
+        shipped = next(iter(servers))
+        entry = {"in_process_p50_ms": round(in_process, 3), "configurations": {}}
+        for name, p50s in runs.items():
+            p50 = min(p50s)
+            entry["configurations"][name] = {"classify_p50_ms": round(p50, 3), "runs": p50s,
+                                             "overhead_ms": round(p50 - in_process, 3)}
+        entry["breakdown"] = breakdown(servers[shipped], model, payload)
+        result[model] = entry
+        described = ", ".join(f"{name} {c['classify_p50_ms']:.2f} ms (overhead {c['overhead_ms']:.2f} ms)"
+                              for name, c in entry["configurations"].items())
+        median = entry["breakdown"]["median_ms"]
+        print(f"  {model} 32x32 JPEG c=1: in process {in_process:.3f} ms; served {described}", flush=True)
+        print(f"  {model} where the time goes (median ms, Server-Timing): "
+              + ", ".join(f"{stage} {value:.3f}" for stage, value in median.items()), flush=True)
+    return result
