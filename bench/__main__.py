@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.inprocess import in_process_worker  # noqa: E402
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
-from bench.overhead import overhead_cases  # noqa: E402
+from bench.overhead import overhead_cases, tracing_cost  # noqa: E402
 from bench.protocols import compare, grpc_overload, run_rest  # noqa: E402
 from bench.soak import soak  # noqa: E402
 from service.model import OnnxModel  # noqa: E402
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def overhead(work: Path, wrk: Wrk, store: Path, args) -> dict:
     """Server overhead at one connection for each model (bench/overhead.py): as shipped, and with every request
-    handed to an inference thread (INLINE_WORK_SECONDS=0), on two servers side by side."""
+    handed to an inference thread (INLINE_WORK_SECONDS=0), on two servers side by side; then what tracing costs."""
     configurations = {"as shipped": {}, "always a thread": {"INLINE_WORK_SECONDS": "0"}}
     servers = {}
     for index, (name, settings) in enumerate(configurations.items()):
@@ -217,10 +217,13 @@ def overhead(work: Path, wrk: Wrk, store: Path, args) -> dict:
     try:
         for server in servers.values():
             server.wait_ready()
-        return overhead_cases(wrk, servers, folders, payload, args.seconds)
+        cases = overhead_cases(wrk, servers, folders, payload, args.seconds)
     finally:
         for server in servers.values():
             server.stop()
+    png, content_type = bench_images()["32x32 PNG"]
+    cases["tracing"] = tracing_cost(wrk, work, args.workers, args.model, png, content_type, args.seconds)
+    return cases
 
 
 def protocol_cases(work: Path, images, args) -> dict:

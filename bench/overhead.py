@@ -125,3 +125,54 @@ def overhead_cases(wrk, servers: dict, folders: dict[str, Path], payload: bytes,
         print(f"  {model} where the time goes (median ms, Server-Timing): "
               + ", ".join(f"{stage} {value:.3f}" for stage, value in median.items()), flush=True)
     return result
+
+
+def tracing_cost(wrk, work: Path, workers: int, model: str, payload: bytes, content_type: str, seconds: float,
+                 connections: int = 8, repeats: int = 3) -> dict:
+    """Classify throughput and the server's CPU per request at ``connections`` with tracing off and on (every
+    request sampled, its stages as child spans or as events; or one in ten sampled), exported over OTLP/HTTP to a
+    receiver in this process that reads and counts what it is sent; interleaved runs, their medians and ratios."""
+    from bench.protocols import server_cpu_seconds
+    from tests.helpers import GunicornServer
+    from tests.otlp import OtlpHttpReceiver
+
+    receiver = OtlpHttpReceiver(decode=False)
+    configurations = {"off": {}, "on": {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint},
+                      "on, stages as events": {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                               "TRACE_STAGES": "events"},
+                      "on, 10% sampled": {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                          "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                          "OTEL_TRACES_SAMPLER_ARG": "0.1"}}
+    servers = {}
+    for index, (name, settings) in enumerate(configurations.items()):
+        (work / f"tracing-{index}").mkdir(exist_ok=True)
+        servers[name] = GunicornServer(work / f"tracing-{index}", WORKERS=workers, **settings)
+    runs: dict[str, list[float]] = {name: [] for name in servers}
+    cpu: dict[str, list[float]] = {name: [] for name in servers}  # server CPU ms per request
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        for _ in range(repeats):
+            for name, server in servers.items():
+                url = f"{server.url}/v1/models/{model}/classify"
+                cpu_before = server_cpu_seconds(server)
+                measured = wrk.run(url, payload, content_type, connections, seconds)
+                runs[name].append(measured["req_per_s"])
+                cpu[name].append((server_cpu_seconds(server) - cpu_before) * 1000 / max(1, measured["requests"]))
+    finally:
+        for server in servers.values():
+            server.stop()
+        receiver.close()
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    cpu_ms = {name: statistics.median(values) for name, values in cpu.items()}
+    result = {"model": model, "connections": connections, "runs": runs, "exports_received": receiver.requests,
+              "bytes_received": receiver.received_bytes,
+              "req_per_s": {name: round(value, 1) for name, value in medians.items()},
+              "over_off": {name: round(value / medians["off"], 3) for name, value in medians.items()},
+              "server_cpu_ms_per_request": {name: round(value, 3) for name, value in cpu_ms.items()},
+              "cpu_over_off": {name: round(value / cpu_ms["off"], 3) for name, value in cpu_ms.items()}}
+    print(f"  tracing, {model} c={connections}: " + ", ".join(
+        f"{name} {value:.0f} req/s (x{result['over_off'][name]}, server CPU {cpu_ms[name]:.3f} ms/request)"
+        for name, value in medians.items())
+        + f"; {receiver.requests} OTLP exports, {receiver.received_bytes / 2**20:.1f} MiB received", flush=True)
+    return result

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the gunicorn master imports service.settings: keep metrics 
     from service.registry import ModelRegistry
     from service.repository import Repository
     from service.settings import Settings
+    from service.tracing import Tracing
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ class AppState:
     pipeline: InferencePipeline
     api_keys: ApiKeys
     repository: Repository
+    tracing: Tracing
 
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     from service.repository import Repository
     from service.scheduler import InferenceQueue
     from service.settings import Settings
+    from service.tracing import Tracing
 
     settings = settings or Settings.from_env()
     logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
@@ -57,7 +60,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                            settings.BATCH_IMAGES, settings.BODY_BUFFER_BYTES, settings.INFERENCE_WATCHDOG_SECONDS)
     repository = Repository(registry, MULTIPROCESS_FOLDER, settings.REPOSITORY_TIMEOUT)
     app.extensions["convserve"] = AppState(settings, registry, InferencePipeline(settings, queue),
-                                           ApiKeys(load_keys(settings), watching=settings), repository)
+                                           ApiKeys(load_keys(settings), watching=settings), repository,
+                                           Tracing(settings))
     register_api(app, settings)
     if load_models:
         repository.adopt_state()

@@ -114,7 +114,7 @@ class GrpcServer:
         route = f"/{SERVICE}/{name}"
 
         def handle(raw: bytes, context: grpc.ServicerContext) -> bytes:
-            status = 200
+            status, code = 200, grpc.StatusCode.OK
             metadata = _Metadata(context.invocation_metadata())
             call = request_context.begin(metadata.get(REQUEST_ID_METADATA))
             context.set_trailing_metadata(((REQUEST_ID_METADATA, call.id),))  # with the status: no extra frame
@@ -130,15 +130,15 @@ class GrpcServer:
                 answer = method(request, len(raw), context)
                 began = time.perf_counter()
                 encoded = answer.SerializeToString()
-                call.add("encode", time.perf_counter() - began)
+                call.add("encode", time.perf_counter() - began, began)
                 return encoded
             except ServiceError as error:
-                status = error.status
+                status, code = error.status, _code_of(error)
                 if isinstance(error, Overloaded):
                     call.shed_reason = error.reason
                 _abort(context, error, call.id)
             except Exception:
-                status = 500
+                status, code = 500, grpc.StatusCode.INTERNAL
                 log.exception("unhandled error in gRPC %s", name)
                 context.abort(grpc.StatusCode.INTERNAL, "Internal error; the server log has the details.")
             finally:
@@ -148,9 +148,14 @@ class GrpcServer:
                 metrics.REQUEST_LATENCY.labels(route, "POST", "grpc").observe(total)
                 if call.model is not None and "encode" in call.stages:
                     metrics.version_series(call.model, call.version).stages["encode"].observe(call.stages["encode"])
+                if self.state.tracing.enabled:
+                    self.state.tracing.record(call, metadata.pairs, route.lstrip("/"), {
+                        "rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name,
+                        "rpc.grpc.status_code": code.value[0]}, status >= 500, time.perf_counter())
                 if access_log.isEnabledFor(logging.INFO):
-                    access_log.info("%s gRPC %s %d %.2fms %s", context.peer(), name, status, total * 1000,
-                                    call.summary(), extra={
+                    summary = call.summary()
+                    access_log.info("%s gRPC %s %d %.2fms%s", context.peer(), name, status, total * 1000,
+                                    f" {summary}" if summary else "", extra={
                                         "request_id": call.id, "protocol": "grpc", "method": name, "path": route,
                                         "status": status, "total_ms": round(total * 1000, 3),
                                         "remote": context.peer(), **call.fields()})
@@ -334,9 +339,13 @@ def _required(value: str, field: str) -> str:
     return value
 
 
-def _abort(context: grpc.ServicerContext, error: ServiceError, request_id: str) -> None:
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, Overloaded) else CODES.get(
+def _code_of(error: ServiceError) -> grpc.StatusCode:
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, Overloaded) else CODES.get(
         error.status, grpc.StatusCode.INVALID_ARGUMENT if error.status < 500 else grpc.StatusCode.UNAVAILABLE)
+
+
+def _abort(context: grpc.ServicerContext, error: ServiceError, request_id: str) -> None:
+    code = _code_of(error)
     if error.retry_after is not None:
         context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id), ("retry-after", str(error.retry_after)),
                                        ("grpc-retry-pushback-ms", str(int(error.retry_after * 1000)))))

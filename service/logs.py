@@ -14,8 +14,8 @@ import sys
 from service.request_context import RequestIdFilter
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
-JSON_FIELDS = ["asctime", "levelname", "name", "process", "message", "request_id"]
-JSON_RENAMED = {"asctime": "time", "levelname": "level", "name": "logger", "process": "pid"}
+JSON_FIELDS = ["levelname", "name", "process", "message", "request_id"]
+JSON_RENAMED = {"levelname": "level", "name": "logger", "process": "pid"}
 ACCESS_LOGGER = "convserve.access"
 
 
@@ -37,7 +37,8 @@ def json_formatter() -> logging.Formatter:
     adds (the access line's method, path, status, model, version, stages_ms, ...)."""
     from pythonjsonlogger.json import JsonFormatter
 
-    return JsonFormatter(JSON_FIELDS, rename_fields=JSON_RENAMED, json_ensure_ascii=False)
+    # "time": ISO 8601 in UTC, what log stacks parse without a pattern
+    return JsonFormatter(JSON_FIELDS, rename_fields=JSON_RENAMED, timestamp="time", json_ensure_ascii=False)
 
 
 def formatter(log_format: str) -> logging.Formatter:

@@ -95,7 +95,8 @@ class InferencePipeline:
         series = metrics.version_series(model.name, model.version)
         context = request_context.current()
         if context is not None:
-            context.model, context.version = model.name, model.version
+            context.model, context.version, context.precision = model.name, model.version, model.precision
+            context.images = images
         queued = time.perf_counter()
         try:
             result = self.queue.run_batched(series.key, self._run_batch, model, prepare, answer, queued, context,
@@ -124,8 +125,8 @@ class InferencePipeline:
             took = time.perf_counter() - began
             stages["compute_input"].observe(took)
             if context is not None:
-                context.add("queue", started - queued)
-                context.add("compute_input", took)
+                context.add("queue", started - queued, queued)
+                context.add("compute_input", took, began)
         prepared = time.perf_counter()
         good = [batch for batch in batches if isinstance(batch, np.ndarray)]
         images = sum(len(b) for b in good)
@@ -145,8 +146,8 @@ class InferencePipeline:
             took = time.perf_counter() - began
             stages["compute_output"].observe(took)
             if context is not None:
-                context.add("compute_infer", inferred - prepared)
-                context.add("compute_output", took)
+                context.add("compute_infer", inferred - prepared, prepared)
+                context.add("compute_output", took, began)
                 context.batch_size = images
         if good:
             self._count_execution(series, images, prepared - started, inferred - prepared,

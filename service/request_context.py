@@ -42,19 +42,24 @@ class RequestContext:
     """What one request did: its ID, the model version that answered it, seconds per stage, the batch size of its
     ONNX Runtime call and, when it was shed, why."""
 
-    __slots__ = ("id", "started", "stages", "batch_size", "model", "version", "shed_reason")
+    __slots__ = ("id", "started", "stages", "starts", "batch_size", "model", "version", "precision", "images",
+                 "shed_reason")
 
     def __init__(self, request_id: str):
         self.id = request_id
         self.started = time.perf_counter()
-        self.stages: dict[str, float] = {}
+        self.stages: dict[str, float] = {}  # seconds per stage
+        self.starts: dict[str, float] = {}  # when each stage began (perf_counter), for the trace's spans
         self.batch_size: int | None = None
         self.model: str | None = None
         self.version: str | None = None
+        self.precision: str | None = None
+        self.images: int | None = None
         self.shed_reason: str | None = None
 
-    def add(self, stage: str, seconds: float) -> None:
+    def add(self, stage: str, seconds: float, started: float) -> None:
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+        self.starts.setdefault(stage, started)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

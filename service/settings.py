@@ -149,6 +149,18 @@ def _origins(value: str) -> bool:
     return items == ["*"] or all(re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#*]+", item) for item in items)
 
 
+def _otlp_url(value: str) -> bool:
+    if value == "":
+        return True
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
 def _setting(default, description: str, allowed: Allowed, shown: str | None = None):
     """``shown``: the default as the README writes it, where the value itself would not say it."""
     return field(default=default, metadata={"description": description, "allowed": allowed, "shown": shown})
@@ -269,6 +281,28 @@ class Settings:
                                      "(a literal *, never a reflected origin); empty = CORS off",
                                  text("'*', or comma-separated origins such as https://app.example.org "
                                       "(scheme://host[:port], no path)", _origins), shown="(off)")
+    # OpenTelemetry (service/tracing.py): the standard variables; the SDK reads the others (sampler, OTEL_BSP_*,
+    # headers, resource attributes) itself.
+    OTEL_EXPORTER_OTLP_ENDPOINT: str = _setting("", "OTLP collector base URL for traces (…/v1/traces is added for "
+                                                    "http/protobuf); set, tracing is on", text(
+                                                        "an http:// or https:// URL, or empty", _otlp_url),
+                                                shown="(off)")
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: str = _setting("", "OTLP traces URL, used as given; wins over "
+                                                           "OTEL_EXPORTER_OTLP_ENDPOINT", text(
+                                                               "an http:// or https:// URL, or empty", _otlp_url),
+                                                       shown="(off)")
+    OTEL_EXPORTER_OTLP_PROTOCOL: str = _setting("http/protobuf", "OTLP transport: http/protobuf or grpc",
+                                                one_of("http/protobuf", "grpc"))
+    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: str = _setting("", "OTLP transport for traces; wins over "
+                                                           "OTEL_EXPORTER_OTLP_PROTOCOL", text(
+                                                               "http/protobuf, grpc, or empty",
+                                                               lambda value: value in ("", "http/protobuf", "grpc")),
+                                                       shown="(OTEL_EXPORTER_OTLP_PROTOCOL)")
+    TRACE_STAGES: str = _setting("spans", "each request's stages as child spans of its span, or as events on it "
+                                          "(cheaper)", one_of("spans", "events"))
+    OTEL_SERVICE_NAME: str = _setting("", "service.name of the spans", text("any text"), shown="convserve")
+    OTEL_SDK_DISABLED: str = _setting("false", "true turns tracing off whatever the endpoints say",
+                                      one_of("false", "true"))
     PROMETHEUS_MULTIPROC_DIR: str = _setting("", "metrics folder shared by workers; empty: the gunicorn config makes "
                                                  "a private one and removes it on exit",
                                              path("a folder path (emptied at start), or empty", empty_ok=True),
@@ -306,6 +340,15 @@ class Settings:
     def version_pins(self) -> dict[str, str]:
         """MODEL_VERSION_POLICY's pins: model name → version."""
         return _version_pins(self.MODEL_VERSION_POLICY)
+
+    @property
+    def tracing_enabled(self) -> bool:
+        return bool(self.OTEL_EXPORTER_OTLP_ENDPOINT or self.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) and \
+            self.OTEL_SDK_DISABLED != "true"
+
+    @property
+    def otlp_traces_protocol(self) -> str:
+        return self.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or self.OTEL_EXPORTER_OTLP_PROTOCOL
 
     @property
     def cors_origins(self) -> list[str]:

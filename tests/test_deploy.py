@@ -995,15 +995,18 @@ def test_queue_autoscaling_overlay_adds_queue_depth_to_the_hpa(base_docs, queue_
     hpa, base_hpa = by_kind(queue_docs, "HorizontalPodAutoscaler"), by_kind(base_docs, "HorizontalPodAutoscaler")
     assert {**hpa["spec"], "metrics": None} == {**base_hpa["spec"], "metrics": None}
     assert hpa["metadata"] == base_hpa["metadata"]
-    assert hpa["spec"]["metrics"][:-1] == base_hpa["spec"]["metrics"], "base's CPU metric stays"
-    assert hpa["spec"]["metrics"][-1]["type"] == "Pods"
-    queue = pods_metrics(hpa)["convserve_queue_depth"]
-    assert queue["target"]["type"] == "AverageValue"
-    assert "convserve_queue_depth" in exported_metric_names()
-    # Scale out well before a pod's queues fill (WORKERS x MAX_QUEUE waiting requests, then 503 queue_full).
+    assert hpa["spec"]["metrics"][:-2] == base_hpa["spec"]["metrics"], "base's CPU metric stays"
+    assert [metric["type"] for metric in hpa["spec"]["metrics"][-2:]] == ["Pods", "Pods"]
+    metrics = pods_metrics(hpa)
+    queue, wait = metrics["convserve_queue_depth"], metrics["convserve_queue_wait_seconds_average"]
+    assert queue["target"]["type"] == wait["target"]["type"] == "AverageValue"
+    assert {"convserve_queue_depth", "convserve_queue_wait_seconds_sum"} <= exported_metric_names()
+    # Scale out well before a pod's queues fill (WORKERS x MAX_QUEUE waiting requests, then 503 queue_full) and
+    # well before its requests wait QUEUE_TIMEOUT (then 503 queue_timeout).
     settings = pod_settings(by_kind(queue_docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
     pod_queue = settings.WORKERS * settings.MAX_QUEUE
     assert 0 < quantity(queue["target"]["averageValue"]) <= pod_queue / 4
+    assert 0 < quantity(wait["target"]["averageValue"]) <= settings.QUEUE_TIMEOUT / 4
 
 
 def test_prometheus_adapter_rule_serves_the_hpa_metric(queue_docs, tmp_path):

@@ -103,6 +103,11 @@ BAD_VALUES = [
     ("ORT_INTRA_OP_THREADS", "0", "a whole number >= 1"),
     ("LOG_LEVEL", "verbose", "one of DEBUG, INFO, WARNING, ERROR"),
     ("LOG_FORMAT", "xml", "one of text, json"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "an http:// or https:// URL"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://collector/v1/traces", "an http:// or https:// URL"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "one of http/protobuf, grpc"),
+    ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "thrift", "http/protobuf, grpc, or empty"),
+    ("OTEL_SDK_DISABLED", "maybe", "one of false, true"),
     ("INLINE_WORK_SECONDS", "-0.001", "a number of seconds >= 0"),
     ("FORWARDED_ALLOW_IPS", "proxy.local", "'*', or comma-separated IP addresses or networks"),
     ("FORWARDED_ALLOW_IPS", "10.0.0.1/8", "networks"),
@@ -113,7 +118,7 @@ BAD_VALUES = [
 
 def test_every_setting_has_bad_values_in_the_table():
     checked = {name for name, _, _ in BAD_VALUES}
-    free_text = {"API_KEYS", "API_KEYS_FILE", "PROMETHEUS_MULTIPROC_DIR"}  # any path or text; checked at start
+    free_text = {"API_KEYS", "API_KEYS_FILE", "PROMETHEUS_MULTIPROC_DIR", "OTEL_SERVICE_NAME"}  # any path or text
     assert set(NAMES) - free_text == checked, f"add bad values for {sorted(set(NAMES) - free_text - checked)}"
 
 

@@ -91,7 +91,7 @@ def encoded(model: type[BaseModel], body) -> bytes:
     began = time.perf_counter()
     document = model.model_validate(body).model_dump_json(exclude_unset=True).encode()
     if (context := request_context.current()) is not None:
-        context.add("encode", time.perf_counter() - began)
+        context.add("encode", time.perf_counter() - began, began)
     return document
 
 
@@ -146,7 +146,7 @@ def _admit_and_read_body() -> None:
         raise
     began = time.perf_counter()
     body = _read_body(limit, settings.BODY_TIMEOUT, keep=True)
-    g.context.add("read_body", time.perf_counter() - began)
+    g.context.add("read_body", time.perf_counter() - began, began)
     request.environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))})
     request.environ.pop("HTTP_TRANSFER_ENCODING", None)
 
@@ -251,16 +251,26 @@ def _record_request(response):
             for stage in metrics.REQUEST_STAGES:
                 if stage in context.stages:
                     stages[stage].observe(context.stages[stage])
+    tracing = state().tracing
+    if tracing.enabled and route not in UNMETERED_ROUTES:  # probes and scrapes would drown the traces
+        status = response.status_code
+        tracing.record(context, request.headers, f"{request.method[:16]} {route}", {
+            "http.request.method": request.method[:16], "http.route": route, "url.path": request.path[:200],
+            "http.response.status_code": status}, status >= 500, time.perf_counter())
     if access_log.isEnabledFor(logging.INFO):
         _log_access(context, response, total)
     return response
 
 
+def _spaced(words: str) -> str:
+    return f" {words}" if words else ""
+
+
 def _log_access(context: request_context.RequestContext, response, total: float) -> None:
     path = request.path if len(request.path) <= 200 and request.path.isprintable() else ascii(request.path[:200])
     size = response.content_length
-    access_log.info("%s %s %s %d %sB %.2fms %s", request.remote_addr, request.method[:16], path,
-                    response.status_code, size if size is not None else "-", total * 1000, context.summary(),
+    access_log.info("%s %s %s %d %sB %.2fms%s", request.remote_addr, request.method[:16], path,
+                    response.status_code, size if size is not None else "-", total * 1000, _spaced(context.summary()),
                     extra={"request_id": context.id, "protocol": "http", "method": request.method[:16],
                            "path": path, "status": response.status_code, "bytes": size,
                            "total_ms": round(total * 1000, 3), "remote": request.remote_addr, **context.fields()})
