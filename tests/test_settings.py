@@ -108,6 +108,7 @@ BAD_VALUES = [
     ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "one of http/protobuf, grpc"),
     ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "thrift", "http/protobuf, grpc, or empty"),
     ("OTEL_SDK_DISABLED", "maybe", "one of false, true"),
+    ("TRACE_STAGES", "logs", "one of spans, events"),
     ("INLINE_WORK_SECONDS", "-0.001", "a number of seconds >= 0"),
     ("FORWARDED_ALLOW_IPS", "proxy.local", "'*', or comma-separated IP addresses or networks"),
     ("FORWARDED_ALLOW_IPS", "10.0.0.1/8", "networks"),
