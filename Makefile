@@ -15,16 +15,19 @@ PYTEST_ARGS ?=
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-$(VENV)/.runtime: pyproject.toml
+# Runtime dependencies at the versions the image ships and CI tests (deploy/constraints.txt), for every command.
+CONSTRAINTS := deploy/constraints.txt
+
+$(VENV)/.runtime: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --constraint $(CONSTRAINTS) -e .
 	touch $@
 
-$(VENV)/.dev: pyproject.toml
+$(VENV)/.dev: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[dev,train]"
+	$(BIN)/pip install -q --constraint $(CONSTRAINTS) "$(TORCH_SPEC)" -e ".[dev,train]"
 	touch $@ $(VENV)/.runtime
 
 serve: $(VENV)/.runtime  ## install and serve the shipped models on PORT (default 8080)

@@ -79,3 +79,18 @@ def test_every_declared_dependency_is_used():
     used = set().union(*(distributions(module) for module in imported("service", "training", "bench", "tests")))
     unused = declared("train", "dev") - used - {canonicalize_name(name) for name in TOOLS}
     assert not unused, f"declared in pyproject.toml but imported nowhere (a tool? add it to TOOLS): {sorted(unused)}"
+
+
+def test_the_environment_runs_the_versions_that_ship():
+    """make serve and make test install with deploy/constraints.txt: this environment holds exactly the versions
+    the image ships, so a green run here is a run of what deploys."""
+    pins = {}
+    for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    installed = {canonicalize_name(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()}
+    drifted = {name: (installed.get(name), version) for name, version in pins.items() if installed.get(name) != version}
+    assert not drifted, f"installed vs pinned: {drifted}; rebuild the venv (make clean, then make test)"
+    makefile = (ROOT / "Makefile").read_text()
+    assert makefile.count("--constraint $(CONSTRAINTS)") == 2, "both installs of the Makefile use the pins"
