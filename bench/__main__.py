@@ -72,15 +72,7 @@ def single_image_latency_ms(folder: Path, precision: str = "int8", repeats: int 
     """Median ONNX Runtime time of one image on one thread, and the precision that ran."""
     model = OnnxModel(folder, intra_op_threads=1, precision=precision)
     model.load()
-    batch = np.zeros((1, *model.input_shape[1:]), np.float32)
-    for _ in range(50):
-        model.predict(batch)
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.predict(batch)
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings) * 1000, model.precision
+    return model.time_one_image(repeats, warm_runs=50) * 1000, model.precision
 
 
 def verification_seconds(folder: Path) -> dict:

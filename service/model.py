@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import statistics
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -134,20 +135,22 @@ class OnnxModel:
             raise ModelLoadError(f"missing file {exc.filename}") from exc
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"ONNX Runtime could not load the model: {exc}") from exc
-        self.image_seconds = self._warm_up()
+        self.image_seconds = self.time_one_image(5)
         self.ready = True
 
-    def _warm_up(self, runs: int = 5) -> float:
-        """The first run allocates; the median of a few more is what one image costs here (it decides whether a
-        request is small enough to run on the event loop: service/pipeline.py)."""
+    def time_one_image(self, runs: int, warm_runs: int = 1) -> float:
+        """Median seconds of one image through the served graph, after ``warm_runs`` (the first run allocates). At
+        load, what one image costs here decides whether a request is small enough to run on the event loop
+        (service/pipeline.py); the benchmark reports it."""
         image = np.zeros((1, *self.input_shape[1:]), dtype=np.float32)
-        self.predict(image)
+        for _ in range(warm_runs):
+            self.predict(image)
         timings = []
         for _ in range(runs):
             started = time.perf_counter()
             self.predict(image)
             timings.append(time.perf_counter() - started)
-        return sorted(timings)[runs // 2]
+        return statistics.median(timings)
 
     def _serve(self, precision: str, stored: StoredFile, checks: VerificationSet | None) -> None:
         """Open ``stored`` as the graph that serves, and verify it when the version has a verification set."""

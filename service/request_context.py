@@ -121,11 +121,6 @@ def end() -> None:
             _open[0] -= 1
 
 
-def serving() -> int:
-    """How many requests this process is serving now (begun and not ended)."""
-    return _open[0]
-
-
 _connections = [0]  # HTTP connections this worker holds open (the event loop alone changes it)
 
 
