@@ -95,11 +95,6 @@ class ModelLoadFailed(ServiceError):
     code = "model_load_failed"
 
 
-class MethodNotAllowed(ServiceError):
-    status = 405
-    code = "method_not_allowed"
-
-
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"

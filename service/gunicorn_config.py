@@ -15,6 +15,7 @@ import shlex
 import shutil
 import tempfile
 
+from service import compat
 from service.auth import load_keys
 from service.logs import gunicorn_logconfig
 from service.settings import Settings, SettingsError, stop
@@ -31,6 +32,10 @@ try:
     load_keys(settings)  # an unreadable or empty API_KEYS_FILE
 except SystemExit as exc:
     stop([f"convserve: {exc.code}"])
+try:
+    compat.check()  # the gunicorn and Werkzeug internals the workers borrow
+except compat.MissingInternal as exc:
+    stop([str(exc)])
 
 wsgi_app = "service:create_app()"
 bind = f"{settings.HOST}:{settings.PORT}"

@@ -256,9 +256,6 @@ class ModelMetadata(Strict):
     def write(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2, exclude_none=False) + "\n")
 
-    def file(self, role: str) -> StoredFile | None:
-        return getattr(self.files, role)
-
 
 class MetadataError(ValueError):
     """metadata.json does not follow the schema; the message names the fields."""

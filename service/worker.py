@@ -33,10 +33,9 @@ import sys
 import gevent
 from gevent import monkey
 from gunicorn import util
-from gunicorn.workers import base as base_worker
 from gunicorn.workers.ggevent import GeventWorker
 
-from service import request_context
+from service import compat, request_context
 from service.errors import BACKOFF_ENVIRON_KEY, HTTP_STATUS_CODES
 from service.settings import Settings
 
@@ -47,7 +46,7 @@ class ServingWorker(GeventWorker):
     def init_process(self):
         # Errors gunicorn answers itself (bad request line, URI or headers too long, broken chunking) get the
         # service's JSON error body too, not an HTML page. Only this worker process is patched.
-        base_worker.util = _JsonErrors()
+        compat.replace_worker_error_writer(_JsonErrors())
         super().init_process()
 
     def patch(self):
@@ -128,13 +127,10 @@ class ServingWorker(GeventWorker):
         os._exit(1)  # not 3 or 4: gunicorn's master stops the whole server for those
 
     def _stop_accepting(self):
-        self.alive = False  # run() closes the listeners, then waits for accepted requests (GRACEFUL_TIMEOUT)
+        # run() sees this within a second, closes the listeners, then waits for accepted requests (GRACEFUL_TIMEOUT)
+        self.alive = False
         if getattr(self, "grpc", None) is not None:
             self.grpc.stop(self.cfg.graceful_timeout)  # no new calls; those in flight finish
-        try:
-            os.write(self.PIPE[1], b".")
-        except (OSError, AttributeError):
-            pass
 
 
 class _JsonErrors:
@@ -194,9 +190,7 @@ def _serve(app):
     def wsgi(environ, start_response):
         def start(status, headers, exc_info=None):
             if any(name.lower() == "connection" and value.lower() == "close" for name, value in headers):
-                force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
-                if force_close is not None:
-                    force_close()
+                compat.close_after_response(start_response)
             return start_response(status, headers, exc_info)
 
         response = app(environ, start)

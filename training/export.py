@@ -11,7 +11,6 @@ and an existing version is never overwritten.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -261,6 +260,3 @@ def environment() -> dict:
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
-
-def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")

@@ -18,7 +18,7 @@ from flask import Flask
 from pydantic import BaseModel
 
 import service
-from service import errors
+from service import compat, errors
 from service.api import schemas
 
 TAGS = {
@@ -348,7 +348,7 @@ def _path_parameter(rule, argument: str) -> dict:
     if argument in _PATH_PARAMETERS:
         return {"$ref": f"#/components/parameters/{_PATH_PARAMETERS[argument]}"}
     return {"name": argument, "in": "path", "required": True,
-            "schema": _one_of(sorted(rule._converters[argument].items))}
+            "schema": _one_of(compat.any_converter_choices(rule, argument))}
 
 
 def _one_of(values: Sequence[str]) -> dict:
