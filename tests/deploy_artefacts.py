@@ -40,6 +40,10 @@ BASE_CORE_KINDS = {"ServiceAccount", "Secret", "Service", "Deployment", "Horizon
                    "PodDisruptionBudget"}
 CORE_KINDS = BASE_CORE_KINDS | {"PersistentVolumeClaim", "Job"}
 API_KEYS_SECRET = "convserve-api-keys"
+# The fields of a KServe predictor component, beside the pod spec's
+KSERVE_COMPONENT_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency",
+                           "timeout", "canaryTrafficPercent", "logger", "batcher", "labels", "annotations",
+                           "deploymentStrategy"}
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "InferenceService"}
 
 

@@ -20,6 +20,7 @@ from tests.deploy_artefacts import (
     CORE_KINDS,
     CRD_KINDS,
     K8S,
+    KSERVE_COMPONENT_FIELDS,
     KUBERNETES_VERSION,
     NEWEST_KUBERNETES,
     PROM,
@@ -168,11 +169,6 @@ def test_prometheusrule_carries_rules_yml(base_docs):
         "deploy/k8s/base/prometheusrule.yaml is out of date: run python3 deploy/prometheus/make-prometheusrule.py"
     result = run([sys.executable, str(PROM / "make-prometheusrule.py"), "--check"])
     assert result.returncode == 0, result.stderr
-
-
-KSERVE_COMPONENT_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency",
-                           "timeout", "canaryTrafficPercent", "logger", "batcher", "labels", "annotations",
-                           "deploymentStrategy"}
 
 
 def test_inferenceservice_fields(kserve_docs):
