@@ -1,5 +1,7 @@
-"""Load drivers for the benchmark: wrk runs, health probes timed from outside, clients that trickle their bodies,
-and clients that honour readiness during a drain. Every loop here is bounded in time and targets 127.0.0.1 only."""
+"""The benchmark's load drivers: wrk, health probes, trickling clients and clients that honour readiness.
+
+Health probes are timed from outside; the readiness-honouring clients stop sending during a drain. Every loop here is
+bounded in time and targets 127.0.0.1 only."""
 
 from __future__ import annotations
 

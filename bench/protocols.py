@@ -1,5 +1,6 @@
-"""The Open Inference Protocol over REST and over gRPC, side by side: the same images as binary tensors, the same
-model and server, at each concurrency, one protocol right after the other.
+"""The Open Inference Protocol over REST and over gRPC, side by side, at each concurrency.
+
+The same images as binary tensors, the same model and server, one protocol right after the other.
 
 Each row also gives the CPU time the server and the load generator spent per successful answer (they share this
 machine's cores). REST is driven by wrk (POST /v2/models/{name}/infer with the binary tensor extension), gRPC by h2load

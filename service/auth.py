@@ -1,4 +1,6 @@
-"""API keys: with API_KEYS or API_KEYS_FILE set, every /v1 and /v2 route needs ``Authorization: Bearer <key>`` or
+"""API keys: which paths they protect, checking them on REST and gRPC, and re-reading API_KEYS_FILE.
+
+With API_KEYS or API_KEYS_FILE set, every /v1 and /v2 route needs ``Authorization: Bearer <key>`` or
 ``X-API-Key: <key>``, and every gRPC call but health and ServerLive/ServerReady the same as metadata. Keys are
 compared in constant time and never logged. Health, metrics, the page and the OpenAPI document stay open (probes and
 Prometheus come from inside the cluster; /v2/health/* too, as KServe probes them).
@@ -25,6 +27,11 @@ log = logging.getLogger("convserve")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/", "/openapi.json", "/v2/health/live",
                         "/v2/health/ready"})
 PROTECTED_PREFIXES = ("/v1/", "/v2")
+
+
+def protected(path: str) -> bool:
+    """Whether a request to ``path`` (or a route template) needs an API key when keys are set."""
+    return path not in OPEN_PATHS and path.startswith(PROTECTED_PREFIXES)
 
 
 def load_keys(settings: Settings) -> list[bytes]:
@@ -95,7 +102,7 @@ class ApiKeys:
 
     def check(self, method: str, path: str, headers) -> None:
         """Raise Unauthorized unless the request is open or carries a known key."""
-        if method == "OPTIONS" or path in OPEN_PATHS or not path.startswith(PROTECTED_PREFIXES):
+        if method == "OPTIONS" or not protected(path):
             return
         self.require(headers)
 

@@ -1,5 +1,7 @@
-"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``, as Triton, KServe and MLServer serve
-it) and the standard health service (``grpc.health.v1.Health``), on GRPC_PORT, in every gunicorn worker.
+"""The Open Inference Protocol over gRPC and grpc.health.v1, on GRPC_PORT, in every gunicorn worker.
+
+``inference.GRPCInferenceService`` as Triton, KServe and MLServer serve it, and the standard health service
+(``grpc.health.v1.Health``).
 
 Each worker runs its own gRPC server on the same port (SO_REUSEPORT: the kernel spreads connections over the
 workers), beside its HTTP server, sharing everything with REST: the models, the inference queue (batching and

@@ -1,5 +1,7 @@
-"""Log formats: readable text (the default) or one JSON object per line (LOG_FORMAT=json), for the service's logger
-and gunicorn's alike; every line logged while serving a request carries its ID (service/request_context.py).
+"""Log formats: readable text (the default) or one JSON object per line (LOG_FORMAT=json).
+
+For the service's logger and gunicorn's alike; every line logged while serving a request carries its ID
+(service/request_context.py).
 
 The access log is the service's own (``convserve.access``, one line per request, written by the HTTP layer and the
 gRPC server), not gunicorn's: it carries the request ID, the model version, the stage timings and the shed reason.

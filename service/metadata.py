@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service import contract
 from service.preprocessing import RESIZE_RULE, InputSpec
 
 SCHEMA_VERSION = 2
@@ -240,7 +241,7 @@ class ModelMetadata(Strict):
 
     @model_validator(mode="after")
     def _outputs_cover_labels(self) -> ModelMetadata:
-        probabilities = next((o for o in self.outputs if o.name == "probabilities"), None)
+        probabilities = next((o for o in self.outputs if o.name == contract.PROBABILITIES), None)
         if probabilities is None or probabilities.shape != [-1, len(self.labels)]:
             raise ValueError(f"outputs must include probabilities of shape [-1, {len(self.labels)}]")
         return self

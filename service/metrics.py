@@ -12,7 +12,7 @@ import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from service import metrics_files
+from service import contract, metrics_files
 from service.errors import MetricsUnavailable
 from service.settings import Settings
 
@@ -71,10 +71,9 @@ INFERENCE_THREADS = Gauge(f"{PREFIX}_inference_threads", "Threads running decode
                           multiprocess_mode="livesum")
 QUEUE_WAIT = Histogram(f"{PREFIX}_queue_wait_seconds", "Time a request waited for an inference thread.",
                        buckets=LATENCY_BUCKETS)
-SHED_REASONS = ("queue_full", "queue_timeout", "body_budget")
 SHED = Counter(f"{PREFIX}_shed_total", "Requests refused with 503 overloaded instead of queued, by reason.",
                ["reason"])
-for _reason in SHED_REASONS:
+for _reason in contract.SHED_REASONS:
     SHED.labels(_reason)  # exported at 0 from the start, so rate() and alerts see the series
 
 MODEL_SERVED = Gauge(f"{PREFIX}_model_served", "1 for the version each model serves now (in every live worker).",

@@ -23,7 +23,7 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
-from service import verification
+from service import contract, verification
 from service.errors import StoreUnavailable
 from service.metadata import Baselines, MetadataError, ModelMetadata, StoredFile, sha256_of
 from service.preprocessing import InputSpec, normalize
@@ -34,8 +34,6 @@ class ModelLoadError(Exception):
     """The version folder cannot be served; the message says why."""
 
 
-# The classify graph's outputs, in this order: calibrated probabilities, and the "none of these" answer.
-CLASSIFY_OUTPUTS = ("probabilities", "domain_score", "in_domain")
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ def has_control_flow(graph: bytes) -> bool:
 
 
 class OnnxModel:
-    def __init__(self, folder: Path, intra_op_threads: int = 1, precision: str = "int8",
+    def __init__(self, folder: Path, intra_op_threads: int = 1, precision: str = contract.INT8,
                  tolerances: Tolerances = Tolerances()):
         self.folder = folder
         # The store layout, not metadata, decides what a model is called (read once: it is on every request's path).
@@ -73,7 +71,7 @@ class OnnxModel:
         self.wanted_precision = precision
         self.tolerances = tolerances
         self.metadata: ModelMetadata | None = None
-        self.precision: str | None = None  # what serves: "int8" when wanted, present and verified here, else "fp32"
+        self.precision: str | None = None  # what serves: INT8 when wanted, present and verified here, else FP32
         # Each graph checked on this machine, by precision; refusal: why the INT8 graph does not serve here (or None).
         self.verifications: dict[str, Verification] = {}
         self.refusal: str | None = None
@@ -118,14 +116,14 @@ class OnnxModel:
             checks = (VerificationSet.read(self._verified(files.verification).read_bytes())
                       if files.verification is not None else None)
             self._filters = np.load(io.BytesIO(self._verified(files.filters).read_bytes()), allow_pickle=False)
-            if self.wanted_precision == "int8" and files.model_int8 is not None:
-                self._serve("int8", files.model_int8, checks)
-                if checks is not None and not self.verifications["int8"].passed:
+            if self.wanted_precision == contract.INT8 and files.model_int8 is not None:
+                self._serve(contract.INT8, files.model_int8, checks)
+                if checks is not None and not self.verifications[contract.INT8].passed:
                     self.refusal = ("the INT8 graph failed verification on this CPU: "
-                                    f"{self.verifications['int8'].summary()}; FP32 serves")
+                                    f"{self.verifications[contract.INT8].summary()}; FP32 serves")
             if self.precision is None or self.refusal:
-                self._serve("fp32", files.model, checks)
-                failed = self.verifications.get("fp32")
+                self._serve(contract.FP32, files.model, checks)
+                failed = self.verifications.get(contract.FP32)
                 if failed is not None and not failed.passed:
                     raise ModelLoadError(f"the FP32 graph failed verification on this CPU ({failed.summary()}): "
                                          "this ONNX Runtime build or CPU gives other answers than export measured")
@@ -164,7 +162,7 @@ class OnnxModel:
 
     def predict(self, batch: np.ndarray) -> Outputs:
         """float32 (N, 3, H, W) → calibrated probabilities, domain scores and in-domain flags."""
-        return Outputs(*self.session.run(list(CLASSIFY_OUTPUTS), {self.input_name: batch}))
+        return Outputs(*self.session.run(list(contract.OUTPUT_NAMES), {self.input_name: batch}))
 
     def inspect(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Every stage's output by name (plus probabilities and class_maps when the model has them); FP32."""

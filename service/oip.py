@@ -1,6 +1,8 @@
-"""Open Inference Protocol tensors: an inference request's input → a numpy batch or encoded images, and
-a model's answers → the response's outputs (JSON values or the binary tensor extension, and the classification
-extension's "score:index:label" strings).
+"""Open Inference Protocol tensors: a request's input as numpy or encoded images, the answers as its outputs.
+
+An inference request's input becomes a numpy batch or encoded images, and a model's answers become the response's
+outputs (JSON values or the binary tensor extension, and the classification extension's "score:index:label"
+strings).
 
 Called by the inference pipeline on an inference thread; the /v2 views only split the HTTP body into its JSON and
 binary parts.
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service import contract
 from service.errors import InvalidTensor
 from service.inputs import check_batch_size, decode_base64
 from service.model import Outputs
@@ -24,13 +27,8 @@ ENCODED_INPUT = "image"  # the BYTES input: not in the ONNX graph, so its name i
 # The largest |value| an FP32 input may hold: preprocessed images lie within a few units of 0, and inputs around 1e16
 # overflowed the shipped networks to NaN.
 FP32_LIMIT = 1e6
-# name → (OIP datatype, wire dtype, per-image shape): calibrated probabilities and the "none of these" answer.
-CLASSIFIED_OUTPUT = "probabilities"  # the output the classification extension ranks
-OUTPUTS = {
-    "probabilities": ("FP32", "<f4", lambda model: [len(model.labels)]),
-    "domain_score": ("FP32", "<f4", lambda model: []),
-    "in_domain": ("BOOL", "?", lambda model: []),
-}
+OUTPUTS = {output.name: output for output in contract.OUTPUTS}
+CLASSIFIED_OUTPUT = contract.CLASSIFIED_OUTPUT
 
 
 def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.ndarray | list[bytes]:
@@ -64,8 +62,12 @@ def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.nda
 
 def output_metadata(model) -> list[dict]:
     """The outputs a model answers with, as /v2/models/{name} describes them."""
-    return [{"name": name, "datatype": datatype, "shape": [-1, *per_image(model)]}
-            for name, (datatype, _, per_image) in OUTPUTS.items()]
+    return [{"name": output.name, "datatype": output.datatype, "shape": [-1, *_per_image(output, model)]}
+            for output in contract.OUTPUTS]
+
+
+def _per_image(output: contract.Output, model) -> list[int]:
+    return [len(model.labels)] if output.per_label else []
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,8 @@ def response(request: dict, model, answers: Outputs, plan: list[RequestedOutput]
         if output.classification is not None:
             datatype, value = "BYTES", classified(answers.probabilities, model.labels, output.classification)
         else:
-            datatype, wire_type, _ = OUTPUTS[output.name]
-            value = np.asarray(getattr(answers, output.name)).astype(wire_type)
+            datatype = OUTPUTS[output.name].datatype
+            value = np.asarray(getattr(answers, output.name)).astype(OUTPUTS[output.name].numpy_dtype)
         described = {"name": output.name, "datatype": datatype, "shape": list(value.shape)}
         if output.binary:
             blob = bytes_tensor(value.ravel()) if datatype == "BYTES" else np.ascontiguousarray(value).tobytes()

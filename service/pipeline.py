@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from service import metrics, oip, request_context, visualize
+from service import contract, metrics, oip, request_context, visualize
 from service.errors import DecodeBudgetExceeded, InvalidParameter, ServiceError
-from service.model import CLASSIFY_OUTPUTS, OnnxModel, Outputs
+from service.model import OnnxModel, Outputs
 from service.preprocessing import decode_opened, decoded_bytes, normalize, open_for, open_image
 from service.scheduler import InferenceQueue
 from service.settings import Settings
@@ -223,7 +223,7 @@ class InferencePipeline:
                                    f"use one of {', '.join(model.labels)}.")
         batch = self.preprocess(model, [image])
         outputs = model.inspect(batch)
-        answer = Outputs(*(outputs[name] for name in CLASSIFY_OUTPUTS))
+        answer = Outputs(*(outputs[name] for name in contract.OUTPUT_NAMES))
         probabilities = answer.probabilities[0]
         metrics.BATCH_SIZE.labels(model.name, model.version).observe(1)
         top = int(probabilities.argmax())

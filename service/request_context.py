@@ -1,5 +1,6 @@
-"""One request's context: its ID and where its time went, for the access log, the ``Server-Timing`` header, every
-log line of the request and the stage metrics.
+"""One request's context: its ID and where its time went.
+
+For the access log, the ``Server-Timing`` header, every log line of the request and the stage metrics.
 
 The context lives in a contextvar, so each gevent greenlet (a REST connection) and each gRPC thread has its own, and
 log lines written while serving a request carry its ID (``RequestIdFilter``). Inference runs elsewhere (an inference

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from service import metrics
+from service import contract, metrics
 from service.errors import Overloaded, WorkerUnhealthy
 
 
@@ -121,7 +121,7 @@ class InferenceQueue:
         if self.unhealthy:
             raise WorkerUnhealthy()
         if len(self.waiting) >= self.max_queue:
-            self._shed("queue_full", f"{len(self.waiting)} requests are already waiting for an inference thread "
+            self._shed(contract.QUEUE_FULL, f"{len(self.waiting)} requests are already waiting for an inference thread "
                                      f"(MAX_QUEUE={self.max_queue}).")
 
     def hold_bytes(self, size: int) -> int:
@@ -133,7 +133,7 @@ class InferenceQueue:
             else:
                 self.held_bytes += size
                 return size
-        self._shed("body_budget", f"request bodies held by this worker already take {held / 2**20:.0f} MiB "
+        self._shed(contract.BODY_BUDGET, f"request bodies held by this worker already take {held / 2**20:.0f} MiB "
                                   f"(BODY_BUFFER_BYTES={self.body_budget / 2**20:.0f} MiB).")
 
     def release_bytes(self, size: int) -> None:
@@ -194,7 +194,7 @@ class InferenceQueue:
                     self.waiting.remove(job)
                     metrics.QUEUE_DEPTH.dec()
                     metrics.QUEUE_WAIT.observe(time.perf_counter() - job.queued)
-                    self._shed("queue_timeout", f"no inference thread was free within "
+                    self._shed(contract.QUEUE_TIMEOUT, f"no inference thread was free within "
                                                 f"QUEUE_TIMEOUT={self.queue_timeout:g} s" + (
                                                     "" if patience == self.queue_timeout else
                                                     f" (or the {patience:.2f} s the client's deadline left)") + ".")

@@ -1,5 +1,4 @@
-"""Every setting of the service, read from the environment, each with its default, what it allows and a one-line
-description.
+"""Every setting of the service: read from the environment once, each with its default, bounds and description.
 
 These variable names are the contract: ``make serve``, the gunicorn config, the image and the Kubernetes manifests all
 use them. Nothing else in the service reads the environment (prometheus_client reads PROMETHEUS_MULTIPROC_DIR itself,
@@ -24,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
+
+from service import contract
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_MODEL_STORE = REPO / "model_store"
@@ -190,8 +191,8 @@ class Settings:
                                                    "'convnet=4,lenet=1' (models not named serve their latest)",
                                          text("'latest', or comma-separated pins <model>=<version>, each model once",
                                               lambda value: _version_pins(value) is not None))
-    PRECISION: str = _setting("int8", "which graph serves: the INT8 quantized one when a model has it, or FP32",
-                              one_of("int8", "fp32"))
+    PRECISION: str = _setting(contract.INT8, "which graph serves: the INT8 quantized one when a model has it, or FP32",
+                              one_of(*contract.PRECISIONS))
     # Verification at load (service/verification.py). A graph whose integer arithmetic is exact gives export's answers
     # to float rounding on any CPU (0 of 256 images change); the saturating U8S8 kernels of CPUs without VNNI moved
     # 2.3 points of accuracy and 4 of in-domain flags. The tolerances sit between: one image of 256 is 0.39 points.

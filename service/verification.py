@@ -1,5 +1,6 @@
-"""Verified where it serves: before a version serves, the graph it will serve runs the version's verification set
-on this machine, and its answers are compared with what export measured.
+"""Verified where it serves: a graph's answers on this machine's CPU, compared with what export measured.
+
+Before a version serves, the graph it will serve runs the version's verification set on this machine.
 
 Export writes ``verification.npz`` beside the graphs: a few hundred validation images (uint8, stratified, labels
 interleaved so that every prefix of a multiple of the label count is stratified too), their labels, the FP32 graph's
@@ -23,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from service import contract
+
 # CPU flags (as /proc/cpuinfo spells them) that decide which integer kernels ONNX Runtime picks.
 CPU_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
-REFERENCE = "fp32"  # the precision whose answers are the reference
+REFERENCE = contract.FP32  # the precision whose answers are the reference
 
 
 @functools.cache
@@ -168,7 +171,7 @@ def verify(precision: str, run: Callable[[np.ndarray], Answers], normalize: Call
     images, labels = verification_set.images[:count], verification_set.labels[:count]
     parts = [run(normalize(images[start:start + batch_size])) for start in range(0, count, batch_size)]
     answers = Answers(*(np.concatenate([getattr(part, name) for part in parts])
-                        for name in ("probabilities", "domain_score", "in_domain")))
+                        for name in contract.OUTPUT_NAMES))
     reference = verification_set.answers[REFERENCE].head(count)
     measured = figures(answers, reference, labels)
     if precision in verification_set.answers:

@@ -1,5 +1,7 @@
-"""Fixtures chain settings → app → client. The shipped model store is used read-only; tests that change a store
-work on a copy in tmp_path."""
+"""The shared fixtures: settings, app and client on the shipped model store or a copy, and the deploy manifests.
+
+The fixtures chain settings → app → client. The shipped model store is used read-only; tests that change a store work
+on a copy in tmp_path."""
 
 from __future__ import annotations
 

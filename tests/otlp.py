@@ -1,6 +1,8 @@
-"""Real OTLP trace receivers (what a collector listens on), over HTTP (protobuf, POST /v1/traces) and over gRPC
-(opentelemetry.proto.collector.trace.v1.TraceService/Export): the spans the service exports, decoded. Used by the
-tracing tests and by the benchmark's tracing case."""
+"""Real OTLP trace receivers, over HTTP and over gRPC, that decode the spans the service exports.
+
+They are what a collector listens on: HTTP (protobuf, POST /v1/traces) and gRPC
+(opentelemetry.proto.collector.trace.v1.TraceService/Export). Used by the tracing tests and by the benchmark's tracing
+case."""
 
 from __future__ import annotations
 

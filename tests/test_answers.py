@@ -1,5 +1,7 @@
-"""What an answer means, served: calibrated probabilities, "none of these", the precision that served it, and the
-drift metrics that compare served answers with what validation measured."""
+"""What an answer means, served: calibrated probabilities, "none of these", its precision, and drift metrics.
+
+Each answer says the precision that served it; the drift metrics compare served answers with what validation
+measured."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Probabilities that mean what they say, "none of these", and INT8: the export steps, on synthetic numbers and on a
-small model trained for the purpose."""
+"""The export steps behind calibrated probabilities, "none of these" and INT8, on synthetic numbers and a model.
+
+Probabilities must mean what they say; the model is a small one trained for the purpose."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Many replicas behind a real load balancer: `make cluster` (three replicas, HAProxy, Prometheus) under wrk, through a
-rolling update (`make cluster-roll`), a replica killed with SIGKILL, and a 4x overload; and the HPA's queue metric
-computed by the real Prometheus from every replica."""
+"""Many replicas behind a real load balancer, under wrk, rolling updates, a killed replica and overload.
+
+`make cluster` runs three replicas, HAProxy and Prometheus; the tests drive it under wrk, through a rolling update
+(`make cluster-roll`), a replica killed with SIGKILL, and a 4x overload. The HPA's queue metric is computed by the real
+Prometheus from every replica."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""The borrowed gunicorn and Werkzeug internals (service/compat.py): present in the versions that ship, and each one's
-absence stops gunicorn's start with one line naming it. The absence is simulated with a sitecustomize module that
-removes the internal before gunicorn starts, as an upgrade that dropped it would."""
+"""The borrowed gunicorn and Werkzeug internals (service/compat.py): present where they ship, each absence named.
+
+Each internal is present in the versions that ship, and each one's absence stops gunicorn's start with one line naming
+it. The absence is simulated with a sitecustomize module that removes the internal before gunicorn starts, as an
+upgrade that dropped it would."""
 
 from __future__ import annotations
 

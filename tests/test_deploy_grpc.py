@@ -1,5 +1,7 @@
-"""gRPC in the deployment artefacts: the image exposes GRPC_PORT, the base Service and Deployment carry the port and a
-gRPC liveness probe, and the KServe gRPC variant (h2c port, gRPC probes) renders and validates like the rest."""
+"""gRPC in the deployment artefacts: the image's port, the base Service and Deployment, and the KServe gRPC variant.
+
+The image exposes GRPC_PORT, the base Service and Deployment carry the port and a gRPC liveness probe, and the KServe
+gRPC variant (h2c port, gRPC probes) renders and validates like the rest."""
 
 from __future__ import annotations
 

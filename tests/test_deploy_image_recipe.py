@@ -1,5 +1,6 @@
-"""The image's recipe, checked offline: hadolint, the Dockerfile's contract, the build context, the runtime
-constraints and the deploy scripts (the built image itself: tests/test_image.py, `make test-image`).
+"""The image's recipe, checked offline: hadolint, the Dockerfile's contract, the build context and the deploy scripts.
+
+The runtime constraints are checked here too; the built image itself is tests/test_image.py (`make test-image`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The Kubernetes manifests, rendered by kustomize and validated by kubernetes-validate: kinds, CRD fields, the
-restricted pod security standard, sizing, settings, API keys, probes, the HPA, PDB and monitors, and the
-queue-autoscaling overlay with its Prometheus adapter rule.
+"""The Kubernetes manifests, rendered by kustomize and validated by kubernetes-validate, and what they must hold.
+
+Checked: kinds, CRD fields, the restricted pod security standard, sizing, settings, API keys, probes, the HPA, PDB and
+monitors, and the queue-autoscaling overlay with its Prometheus adapter rule.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The model-volume overlay and its model-version Job (run for real on a temporary store), and the README's YAML
-examples, rendered and validated.
+"""The model-volume overlay, its model-version Job and the README's YAML examples, rendered and validated.
+
+The Job is also run for real, on a temporary store.
 """
 
 from __future__ import annotations

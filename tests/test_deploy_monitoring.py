@@ -1,5 +1,6 @@
-"""Prometheus and Grafana, checked with promtool: the scrape config, the rules and their unit tests, the alerts the
-runbook needs, and a dashboard that imports and queries only metrics the service exports.
+"""Prometheus and Grafana, checked with promtool: scrape config, rules and their unit tests, alerts, and the dashboard.
+
+The alerts are the ones the runbook needs; the dashboard must import and query only metrics the service exports.
 """
 
 from __future__ import annotations

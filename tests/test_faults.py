@@ -1,7 +1,8 @@
-"""The platform's everyday faults, end to end on real gunicorn: a store that blinks, a version copied in place, a graph
-replaced under a loaded version, a full or deleted metrics folder, a stuck inference, a rotated key, SIGHUP, and a
-worker killed while it holds requests. Each test counts what the clients saw, what readiness did, and what the log
-and the metrics said."""
+"""The platform's everyday faults, end to end on real gunicorn, and what clients, readiness, log and metrics showed.
+
+The faults: a store that blinks, a version copied in place, a graph replaced under a loaded version, a full or deleted
+metrics folder, a stuck inference, a rotated key, SIGHUP, and a worker killed while it holds requests. Each test counts
+what the clients saw, what readiness did, and what the log and the metrics said."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""The API fuzzed against its own generated OpenAPI document, on a real gunicorn: every operation, every schemathesis
-check (no 5xx, every response, header and status documented, data the document allows accepted, data it refuses
-refused), seed 1, 40 generated requests for each operation that takes any input, on top of the coverage and stateful
-phases: about 2,000 requests in 45 s on two busy cores.
+"""The API fuzzed on a real gunicorn against its own generated OpenAPI document, with every schemathesis check.
+
+Every operation and every check (no 5xx, every response, header and status documented, data the document allows
+accepted, data it refuses refused), seed 1, 40 generated requests for each operation that takes any input, on top of
+the coverage and stateful phases: about 2,000 requests in 45 s on two busy cores.
 
 What JSON Schema cannot say is given to the generator here, and nothing else: an image is an image (the document names
 it with the formats ``image`` and ``image-base64``), and an input tensor's data holds as many values as its shape says.

@@ -1,6 +1,8 @@
-"""The Open Inference Protocol over gRPC, tested with the clients users have: tritonclient.grpc (binary tensors,
-metadata, health, repository, statistics, class_count) and the standard grpc.health.v1 stub, against a real gunicorn
-with two workers, with and without API keys. The answers must be REST's for the same images."""
+"""The Open Inference Protocol over gRPC, tested with the clients users have against a real gunicorn.
+
+The clients are tritonclient.grpc (binary tensors, metadata, health, repository, statistics, class_count) and the
+standard grpc.health.v1 stub; gunicorn runs two workers, with and without API keys. The answers must be REST's for the
+same images."""
 
 from __future__ import annotations
 

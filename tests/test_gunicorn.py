@@ -1,5 +1,6 @@
-"""The service as deployed (real gunicorn, 2 sync workers): a real v2 client, multi-worker metrics, robustness
-against bad input, and graceful shutdown."""
+"""The service as deployed (real gunicorn, 2 sync workers): v2 client, multi-worker metrics, bad input, shutdown.
+
+The client is a real v2 client; bad input must leave the service robust, and shutdown must be graceful."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Hostile input against the service as deployed (real gunicorn): every crafted input gets a bounded cost and a 4xx
-JSON answer, no worker dies or restarts, and nothing grows with requests. The inputs are built here, not shipped.
-Property-based fuzzing (Hypothesis) covers the request parsers beyond the hand-made cases."""
+"""Hostile input against the service as deployed (real gunicorn): bounded cost, a 4xx JSON answer, nothing grows.
+
+Every crafted input gets a bounded cost and a 4xx JSON answer, no worker dies or restarts, and nothing grows with
+requests. The inputs are built here, not shipped. Property-based fuzzing (Hypothesis) covers the request parsers beyond
+the hand-made cases."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The hostile-input suite over gRPC: crafted messages against the service as deployed (real gunicorn, two workers)
-get the right status code and a message that says what is wrong, never an internal error, a crash or a restarted
-worker; a flood is answered RESOURCE_EXHAUSTED (with a retry hint) before any client deadline."""
+"""The hostile-input suite over gRPC, against the service as deployed (real gunicorn, two workers).
+
+Crafted messages get the right status code and a message that says what is wrong, never an internal error, a crash or
+a restarted worker; a flood is answered RESOURCE_EXHAUSTED (with a retry hint) before any client deadline."""
 
 from __future__ import annotations
 

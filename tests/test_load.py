@@ -1,5 +1,6 @@
-"""Hostile and heavy load against the service as deployed (real gunicorn, the gevent worker), at small scale:
-slow and idle clients, overload shedding, health under load, kill -9 and SIGTERM under load.
+"""Hostile and heavy load against the service as deployed (real gunicorn, the gevent worker), at small scale.
+
+Covered: slow and idle clients, overload shedding, health under load, kill -9 and SIGTERM under load.
 
 Only behaviour is asserted here; how fast is `make bench`'s job (full scale, timings as ratios in one run)."""
 

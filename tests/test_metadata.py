@@ -1,5 +1,7 @@
-"""metadata.json has one typed schema (service/metadata.py): export writes it, the service reads it, a version whose
-metadata misses or mistypes a field fails with the field's name, and the JSON Schema is published."""
+"""metadata.json has one typed schema (service/metadata.py): export writes it and the service reads it.
+
+A version whose metadata misses or mistypes a field fails with the field's name, and the schema is published as JSON
+Schema."""
 
 from __future__ import annotations
 

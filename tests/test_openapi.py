@@ -1,6 +1,7 @@
-"""GET /openapi.json is generated from the code (service/api/openapi.py): it is valid OpenAPI 3.1 and covers every
-route the app serves, and /docs shows it with files from this server only. Whether the server keeps the document is
-tests/test_fuzz.py's question."""
+"""GET /openapi.json, generated from the code (service/api/openapi.py), and the /docs page that shows it.
+
+The document is valid OpenAPI 3.1 and covers every route the app serves; /docs shows it with files from this server
+only. Whether the server keeps the document is tests/test_fuzz.py's question."""
 
 from __future__ import annotations
 

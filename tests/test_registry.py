@@ -1,5 +1,4 @@
-"""The model registry: loading survives any failure; a version that fails is marked failed, and the others load
-and serve."""
+"""The model registry: loading survives any failure; a failing version is marked failed, the others load and serve."""
 
 from __future__ import annotations
 

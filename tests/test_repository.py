@@ -1,5 +1,6 @@
-"""The model repository API and the statistics and classification extensions over REST, with tritonclient.http,
-against a real gunicorn with two workers: load and unload take effect in every worker before the call answers,
+"""The model repository API and the statistics and classification extensions over REST, with tritonclient.http.
+
+The server is a real gunicorn with two workers: load and unload take effect in every worker before the call answers,
 stay in force while the store is polled and when a worker is replaced, and a load that fails says why."""
 
 from __future__ import annotations

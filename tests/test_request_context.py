@@ -1,5 +1,7 @@
-"""Seeing inside a request: request IDs on every answer and in its log lines, Server-Timing stages that agree with
-the stage histogram, JSON logs, and the event-loop shortcut for small work (which must answer exactly as a thread)."""
+"""Seeing inside a request: request IDs, Server-Timing stages, JSON logs, and the event-loop shortcut for small work.
+
+Request IDs are on every answer and in its log lines, the Server-Timing stages agree with the stage histogram, and the
+event-loop shortcut must answer exactly as a thread."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """The inference queue: FIFO, bounded, timed, batched per model, shedding with a retryable error.
+
 Unit level, in one process; the same behaviour under real gunicorn is tests/test_load.py (the registry:
 tests/test_registry.py)."""
 

@@ -1,5 +1,7 @@
-"""Settings: every value is parsed and checked once, by service/settings.py; a bad one stops the start with one line
-naming the setting and what it allows (gunicorn, `python -m service.settings`), never a traceback."""
+"""Settings: every value is parsed and checked once, by service/settings.py, and a bad one stops the start.
+
+A bad value stops it with one line naming the setting and what it allows (gunicorn, `python -m service.settings`),
+never a traceback."""
 
 from __future__ import annotations
 

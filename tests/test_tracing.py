@@ -1,6 +1,7 @@
-"""OpenTelemetry: spans received over real OTLP (HTTP and gRPC) from a real gunicorn, children of the caller's
-W3C trace context, with the request's ID, model, version, batch size and a child span per stage; the standard
-OTEL_* variables honoured."""
+"""OpenTelemetry: spans received over real OTLP (HTTP and gRPC) from a real gunicorn, and the OTEL_* variables.
+
+The spans are children of the caller's W3C trace context, carry the request's ID, model, version and batch size, and
+have a child span per stage; the standard OTEL_* variables are honoured."""
 
 from __future__ import annotations
 

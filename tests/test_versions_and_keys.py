@@ -1,6 +1,8 @@
-"""Operating it: model versions that come and go while serving (MODEL_POLL_SECONDS), which version serves
-(MODEL_VERSION_POLICY), and API keys (API_KEYS, API_KEYS_FILE). Unit level with the app, then end to end with real
-gunicorn under continuous load and a real tritonclient."""
+"""Operating it: model versions that come and go while serving, which version serves, and API keys.
+
+Versions come and go under MODEL_POLL_SECONDS, MODEL_VERSION_POLICY picks the one that serves, and the keys come from
+API_KEYS and API_KEYS_FILE. Unit level with the app, then end to end with real gunicorn under continuous load and a
+real tritonclient."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service import contract
 from service.model import ModelLoadError, OnnxModel
 from service.preprocessing import InputSpec, normalize
 from training import data
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate_parser.add_argument("--split", choices=["train", "test"], default="train",
                                  help="which CIFAR batches to read (ignored for folder trees)")
     evaluate_parser.add_argument("--plot", type=Path, help="write the confusion matrix PNG here")
-    evaluate_parser.add_argument("--precision", choices=["int8", "fp32"], default="int8",
+    evaluate_parser.add_argument("--precision", choices=[contract.INT8, contract.FP32], default=contract.INT8,
                                  help="which graph to measure when the version has both (default: int8, as served)")
     requantize_parser = commands.add_parser(
         "requantize", help="publish a version's FP32 graphs again with a new INT8 graph and verification set")

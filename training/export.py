@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.model import CLASSIFY_OUTPUTS as SERVED_OUTPUTS
+from service import contract
 from training.calibration import DomainRule
 from training.models import first_conv_weight, keep_first_classes
 from training.train import cpu_name
@@ -94,8 +94,8 @@ class Classifier(nn.Module):
         return (*self.answers(logits, features), logits)
 
 
-# What the service reads (service.model.CLASSIFY_OUTPUTS, in order), then the raw logits for tools and parity.
-CLASSIFY_OUTPUTS = [*SERVED_OUTPUTS, "logits"]
+# What the service reads (service/contract.py, in order), then the raw logits for calibration and parity.
+CLASSIFY_OUTPUTS = [*contract.OUTPUT_NAMES, contract.LOGITS]
 
 
 class Inspector(Classifier):
@@ -133,13 +133,13 @@ def inspection_outputs(model: nn.Module, input_shape: tuple[int, int, int]) -> l
     with torch.no_grad():
         stages = model.forward_stages(torch.zeros(1, *input_shape))
     described = [{"name": name, "kind": kind, "shape": list(value.shape[1:])} for name, kind, value in stages]
-    described.append({"name": "probabilities", "kind": "softmax", "shape": [stages[-1][2].shape[1]]})
+    described.append({"name": contract.PROBABILITIES, "kind": "softmax", "shape": [stages[-1][2].shape[1]]})
     return described
 
 
 def inspect_output_names(model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
     stage_names = [stage["name"] for stage in inspection_outputs(model, input_shape)[:-1]]
-    return stage_names + ["probabilities", "domain_score", "in_domain"] + (["class_maps"] if model.cam_stage else [])
+    return stage_names + list(contract.OUTPUT_NAMES) + (["class_maps"] if model.cam_stage else [])
 
 
 def export_graph(module: nn.Module, path: Path, output_names: list[str], input_shape: tuple[int, int, int]) -> None:
@@ -147,8 +147,8 @@ def export_graph(module: nn.Module, path: Path, output_names: list[str], input_s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), str(path), input_names=["input"], output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in ["input", *output_names]},
+            module, (example,), str(path), input_names=[contract.INPUT], output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in [contract.INPUT, *output_names]},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
     onnx.checker.check_model(str(path))
@@ -168,8 +168,8 @@ def check_parity(path: Path, reference: dict[str, np.ndarray], inputs: np.ndarra
     """Run ONNX Runtime on ``inputs``; every float output must match PyTorch within 1e-4 with identical argmax, and
     in_domain may differ only where the score sits within the tolerance of the threshold."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [name for name in reference if name != "in_domain"]
-    results = dict(zip(names, session.run(names, {"input": inputs})))
+    names = [name for name in reference if name != contract.IN_DOMAIN]
+    results = dict(zip(names, session.run(names, {contract.INPUT: inputs})))
     worst = 0.0
     for name in names:
         difference = float(np.abs(results[name] - reference[name]).max())
@@ -178,7 +178,7 @@ def check_parity(path: Path, reference: dict[str, np.ndarray], inputs: np.ndarra
         if difference > tolerance:
             raise ParityError(f"{path.name}: output {name!r} differs from PyTorch by {difference:.2e} "
                               f"(tolerance {tolerance:.0e}); the model was not written.")
-    if not np.array_equal(results["probabilities"].argmax(1), reference["probabilities"].argmax(1)):
+    if not np.array_equal(results[contract.PROBABILITIES].argmax(1), reference[contract.PROBABILITIES].argmax(1)):
         raise ParityError(f"{path.name}: ONNX Runtime and PyTorch predict different classes; not written.")
     return {"max_abs_diff": worst, "images": int(len(inputs)), "tolerance": PARITY_TOLERANCE}
 
@@ -200,7 +200,7 @@ def write_graphs(classifier: Classifier, folder: Path, parity_inputs: np.ndarray
         classified = [t.numpy() for t in classifier(tensor)]
         inspected = [t.numpy() for t in inspector(tensor)]
     # The domain score is a sigmoid of slope x raw score: the logits' float rounding, scaled by at most slope / 2.
-    tolerances = {"domain_score": PARITY_TOLERANCE * max(1.0, abs(classifier.rule.slope) / 2)}
+    tolerances = {contract.DOMAIN_SCORE: PARITY_TOLERANCE * max(1.0, abs(classifier.rule.slope) / 2)}
     return {
         "model.onnx": check_parity(folder / "model.onnx", dict(zip(CLASSIFY_OUTPUTS, classified)), parity_inputs,
                                    tolerances),

@@ -1,6 +1,7 @@
-"""From a trained network to a published version: calibrate, set the "none of these" rule, export both graphs,
-quantize, measure what ships, plot, write the typed metadata, and publish atomically. Each step is a function below;
-``publish_model`` runs them in order.
+"""From a trained network to a published version in the store, step by step (``publish_model`` runs them).
+
+Calibrate, set the "none of these" rule, export both graphs, quantize, measure what ships, plot, write the typed
+metadata, and publish atomically. Each step is a function below.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from service import contract
 from service.metadata import Files, ModelMetadata, Preprocessing, Quantization, StoredFile
 from service.preprocessing import InputSpec
 from service.verification import Answers, VerificationSet, choose
@@ -64,7 +66,7 @@ def network_outputs(classifier: Classifier, inputs: np.ndarray, batch_size: int 
         logits.append(batch_logits.numpy())
         for name, value in classifier.raw_scores(batch_logits, features).items():
             raw.setdefault(name, []).append(value.numpy())
-    return {"logits": np.concatenate(logits), **{name: np.concatenate(parts) for name, parts in raw.items()}}
+    return {contract.LOGITS: np.concatenate(logits), **{name: np.concatenate(parts) for name, parts in raw.items()}}
 
 
 def fit_answers(model: nn.Module, tta_flip: bool, release: Release) -> tuple[Classifier, dict]:
@@ -73,8 +75,8 @@ def fit_answers(model: nn.Module, tta_flip: bool, release: Release) -> tuple[Cla
     classifier = Classifier(model.float().cpu().eval(), tta_flip, 1.0, other_head).eval()
     own = network_outputs(classifier, release.val_inputs)
     other = network_outputs(classifier, release.other_inputs) if release.other_inputs is not None else None
-    temperature = calibration.fit_temperature(own["logits"], release.val_labels)
-    candidates = [name for name in own if name != "logits"]
+    temperature = calibration.fit_temperature(own[contract.LOGITS], release.val_labels)
+    candidates = [name for name in own if name != contract.LOGITS]
     rule, aucs = calibration.choose_domain_rule({n: own[n] for n in candidates},
                                                 {n: other[n] for n in candidates} if other else None)
     return Classifier(classifier.model, tta_flip, temperature, other_head, rule).eval(), aucs
@@ -82,7 +84,7 @@ def fit_answers(model: nn.Module, tta_flip: bool, release: Release) -> tuple[Cla
 
 def run_graph(path: Path, inputs: np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    parts = [session.run(CLASSIFY_OUTPUTS, {"input": inputs[start:start + batch_size]})
+    parts = [session.run(CLASSIFY_OUTPUTS, {contract.INPUT: inputs[start:start + batch_size]})
              for start in range(0, len(inputs), batch_size)]
     return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(CLASSIFY_OUTPUTS)}
 
@@ -91,19 +93,19 @@ def measure(staging: Path, classifier: Classifier, aucs: dict, release: Release)
     """What ships is what is measured: the exported graph's answers on validation images."""
     own = run_graph(staging / "model.onnx", release.val_inputs)
     other = run_graph(staging / "model.onnx", release.other_inputs) if release.other_inputs is not None else None
-    before = calibration.softmax(own["logits"])
-    metrics = classification_metrics(own["probabilities"], release.val_labels, release.labels)
-    domain = calibration.domain_figures(classifier.rule, own["domain_score"],
-                                        None if other is None else other["domain_score"], aucs)
+    before = calibration.softmax(own[contract.LOGITS])
+    metrics = classification_metrics(own[contract.PROBABILITIES], release.val_labels, release.labels)
+    domain = calibration.domain_figures(classifier.rule, own[contract.DOMAIN_SCORE],
+                                        None if other is None else other[contract.DOMAIN_SCORE], aucs)
     return {
         "metrics": metrics,
         "before": before,
-        "after": own["probabilities"],
-        "own_domain_scores": own["domain_score"],
+        "after": own[contract.PROBABILITIES],
+        "own_domain_scores": own[contract.DOMAIN_SCORE],
         "calibration": {"method": "temperature", "temperature": classifier.temperature,
                         "bins": calibration.ECE_BINS,
                         "before": calibration.figures(before, release.val_labels),
-                        "after": calibration.figures(own["probabilities"], release.val_labels)},
+                        "after": calibration.figures(own[contract.PROBABILITIES], release.val_labels)},
         "domain": domain,
         "baselines": baselines(own),
     }
@@ -111,28 +113,29 @@ def measure(staging: Path, classifier: Classifier, aucs: dict, release: Release)
 
 def baselines(own: dict[str, np.ndarray]) -> dict:
     """What a graph's answers on the labels' own validation images look like, for drift alerts."""
-    return {"mean_confidence": float(own["probabilities"].max(1).mean()),
-            "out_of_domain_share": float((~own["in_domain"]).mean()),
-            "mean_domain_score": float(own["domain_score"].mean())}
+    return {"mean_confidence": float(own[contract.PROBABILITIES].max(1).mean()),
+            "out_of_domain_share": float((~own[contract.IN_DOMAIN]).mean()),
+            "mean_domain_score": float(own[contract.DOMAIN_SCORE].mean())}
 
 
 def served_figures(path: Path, release: Release) -> dict:
     """The figures the service publishes for a graph, measured through that graph: "none of these" at the threshold
     in the graph, the drift baselines and calibration."""
     own = run_graph(path, release.val_inputs)
-    other = run_graph(path, release.other_inputs)["in_domain"] if release.other_inputs is not None else None
-    return {"own_flagged": float((~own["in_domain"]).mean()),
+    other = run_graph(path, release.other_inputs)[contract.IN_DOMAIN] if release.other_inputs is not None else None
+    return {"own_flagged": float((~own[contract.IN_DOMAIN]).mean()),
             "other_flagged": None if other is None else float((~other).mean()),
-            "baselines": baselines(own), "calibration": calibration.figures(own["probabilities"], release.val_labels)}
+            "baselines": baselines(own),
+            "calibration": calibration.figures(own[contract.PROBABILITIES], release.val_labels)}
 
 
 def write_verification_set(staging: Path, release: Release, int8: bool) -> None:
     """verification.npz: validation images, stratified and interleaved, with each graph's answers on them."""
     index = choose(release.val_labels, len(release.labels), VERIFICATION_PER_LABEL)
     answers = {}
-    for precision, name in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))[:2 if int8 else 1]:
+    for precision, name in ((contract.FP32, "model.onnx"), (contract.INT8, "model.int8.onnx"))[:2 if int8 else 1]:
         outputs = run_graph(staging / name, release.val_inputs[index])
-        answers[precision] = Answers(outputs["probabilities"], outputs["domain_score"], outputs["in_domain"])
+        answers[precision] = Answers(*(outputs[name] for name in contract.OUTPUT_NAMES))
     VerificationSet(release.val_images[index], release.val_labels[index], answers).write(staging / "verification.npz")
 
 
@@ -152,12 +155,12 @@ def build_metadata(staging: Path, version: int, classifier: Classifier, measured
     metrics = measured["metrics"]
     return ModelMetadata(
         name=release.name, version=str(version), created_at=utc_now(), labels=labels,
-        input={"name": "input", "dtype": "float32", "shape": [-1, *input_shape],
+        input={"name": contract.INPUT, "dtype": "float32", "shape": [-1, *input_shape],
                "preprocessing": Preprocessing.of(spec)},
-        outputs=[{"name": "probabilities", "dtype": "float32", "shape": [-1, len(labels)]},
-                 {"name": "domain_score", "dtype": "float32", "shape": [-1]},
-                 {"name": "in_domain", "dtype": "bool", "shape": [-1]},
-                 {"name": "logits", "dtype": "float32", "shape": [-1, len(labels)]}],
+        outputs=[{"name": contract.PROBABILITIES, "dtype": "float32", "shape": [-1, len(labels)]},
+                 {"name": contract.DOMAIN_SCORE, "dtype": "float32", "shape": [-1]},
+                 {"name": contract.IN_DOMAIN, "dtype": "bool", "shape": [-1]},
+                 {"name": contract.LOGITS, "dtype": "float32", "shape": [-1, len(labels)]}],
         files=Files(model=StoredFile.of(staging, "model.onnx"), inspect=StoredFile.of(staging, "inspect.onnx"),
                     filters=StoredFile.of(staging, "filters.npy"),
                     model_int8=StoredFile.of(staging, "model.int8.onnx") if quantization["accepted"] else None,
@@ -193,10 +196,10 @@ def export_and_quantize(classifier: Classifier, aucs: dict, staging: Path, prope
         if not quantization["accepted"]:
             return classifier, parity, measured, quantization
         own = {"FP32": measured["own_domain_scores"],
-               "INT8": run_graph(staging / "model.int8.onnx", release.val_inputs)["domain_score"]}
+               "INT8": run_graph(staging / "model.int8.onnx", release.val_inputs)[contract.DOMAIN_SCORE]}
         threshold = min(calibration.own_threshold(scores) for scores in own.values())
         if threshold >= classifier.rule.threshold:
-            for precision, name in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+            for precision, name in ((contract.FP32, "model.onnx"), (contract.INT8, "model.int8.onnx")):
                 quantization[precision].update(served_figures(staging / name, release))
             return classifier, parity, measured, quantization
         flagged = {precision: float((scores < classifier.rule.threshold).mean()) for precision, scores in own.items()}
@@ -267,7 +270,7 @@ def requantize(source: Path, release: Release, store: Path, progress=print) -> t
                     entry.value = str(version)
             onnx.save(proto, str(staging / name))
         fp32 = run_graph(staging / "model.onnx", release.val_inputs)
-        accuracy = float((fp32["probabilities"].argmax(1) == release.val_labels).mean())
+        accuracy = float((fp32[contract.PROBABILITIES].argmax(1) == release.val_labels).mean())
         if abs(accuracy - metadata.metrics.validation.accuracy) > 1e-9:
             raise ValueError(f"the FP32 graph scores {accuracy:.2%} on this validation split, the metadata says "
                              f"{metadata.metrics.validation.accuracy:.2%}: pass the data it was trained on")
@@ -275,14 +278,15 @@ def requantize(source: Path, release: Release, store: Path, progress=print) -> t
         quantization = quantize.quantize_and_check(staging / "model.onnx", staging / "model.int8.onnx",
                                                    release.calibration_inputs, release.val_inputs,
                                                    release.val_labels, release.labels, progress)
-        quantization["fp32"].update(served_figures(staging / "model.onnx", release))
+        quantization[contract.FP32].update(served_figures(staging / "model.onnx", release))
         if quantization["accepted"]:
-            quantization["int8"].update(served_figures(staging / "model.int8.onnx", release))
+            quantization[contract.INT8].update(served_figures(staging / "model.int8.onnx", release))
             target = metadata.metrics.domain.target_own_flagged
-            if quantization["int8"]["own_flagged"] > target:  # the threshold is in both graphs: re-export to move it
+            # The threshold is in both graphs: re-export to move it.
+            if quantization[contract.INT8]["own_flagged"] > target:
                 quantization.update(accepted=False, problems=[
-                    f"flags {quantization['int8']['own_flagged']:.2%} of the labels' own images at the FP32 graph's "
-                    f"threshold (at most {target:.0%}): export from the checkpoint to lower it"])
+                    f"flags {quantization[contract.INT8]['own_flagged']:.2%} of the labels' own images at the FP32 "
+                    f"graph's threshold (at most {target:.0%}): export from the checkpoint to lower it"])
                 (staging / "model.int8.onnx").unlink()
         write_verification_set(staging, release, quantization["accepted"])
         files = Files(model=StoredFile.of(staging, "model.onnx"), inspect=StoredFile.of(staging, "inspect.onnx"),

@@ -31,6 +31,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from service import contract
+
 CALIBRATION_IMAGES = 512
 MIN_TOP1_AGREEMENT = 0.99  # share of validation images on which INT8 and FP32 pick the same label
 MAX_ACCURACY_DROP = 0.003  # 0.3 points
@@ -42,7 +44,7 @@ QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
 
 class _Batches(CalibrationDataReader):
     def __init__(self, inputs: np.ndarray, batch_size: int = 64):
-        self.batches = iter([{"input": inputs[i:i + batch_size]} for i in range(0, len(inputs), batch_size)])
+        self.batches = iter([{contract.INPUT: inputs[i:i + batch_size]} for i in range(0, len(inputs), batch_size)])
 
     def get_next(self) -> dict | None:
         return next(self.batches, None)
@@ -104,20 +106,20 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
 
 def probabilities(path: Path, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
     run = session(path, threads=0)
-    return np.concatenate([run.run(["probabilities"], {"input": inputs[i:i + batch_size]})[0]
+    return np.concatenate([run.run([contract.PROBABILITIES], {contract.INPUT: inputs[i:i + batch_size]})[0]
                            for i in range(0, len(inputs), batch_size)])
 
 
 def latency_ms(path: Path, image: np.ndarray, repeats: int = 200) -> float:
     """Median time of one image on one thread, after warm-up."""
     run = session(path, threads=1)
-    feed = {"input": image[None]}
+    feed = {contract.INPUT: image[None]}
     for _ in range(20):
-        run.run(["probabilities"], feed)
+        run.run([contract.PROBABILITIES], feed)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        run.run(["probabilities"], feed)
+        run.run([contract.PROBABILITIES], feed)
         times.append(time.perf_counter() - started)
     return float(np.median(times) * 1000)
 
@@ -207,5 +209,5 @@ def quantize_and_check(fp32_path: Path, int8_path: Path, calibration_inputs: np.
         recipe, int8, agreement, problems, _ = chosen or last
     return {"accepted": chosen is not None, "method": recipe.describe(), "recipes_tried": tried,
             "calibration_images": int(len(calibration_inputs)), "top1_agreement": agreement,
-            "fp32": fp32, "int8": int8, "problems": problems, "checked_on": cpu(),
+            contract.FP32: fp32, contract.INT8: int8, "problems": problems, "checked_on": cpu(),
             "saturation_free": chosen is not None}

@@ -1,6 +1,8 @@
-"""HTTP layer: blueprints, the one mapping from errors to JSON bodies, request metrics, CORS, the request body
-(admitted, read within BODY_TIMEOUT and MAX_UPLOAD_BYTES, before any view runs), and each request's ID, stage
-timings (``Server-Timing``) and access line (service/request_context.py)."""
+"""The HTTP layer around the views: errors as JSON, admission and the body read, request metrics and access lines.
+
+Blueprints, the one mapping from errors to JSON bodies, CORS, the request body (admitted, read within BODY_TIMEOUT
+and MAX_UPLOAD_BYTES, before any view runs), and each request's ID, stage timings (``Server-Timing``) and access line
+(service/request_context.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from flask.json.provider import DefaultJSONProvider
 from pydantic import BaseModel
 from werkzeug.exceptions import HTTPException
 
-from service import metrics, request_context
+from service import contract, metrics, request_context
 from service.api import schemas
 from service.errors import (
     BACKOFF_ENVIRON_KEY,
@@ -34,9 +36,7 @@ from service.settings import Settings
 log = logging.getLogger("convserve")
 access_log = logging.getLogger(ACCESS_LOGGER)
 
-# Requests to these views queue for an inference thread: when that queue is full they are shed before their body is
-# read (decide before you spend).
-QUEUED_ENDPOINTS = {"v1.classify", "v1.inspect", "v2.infer"}
+QUEUED_ENDPOINTS = "convserve.queued_endpoints"  # app.extensions key: views declared queued=True (openapi.documented)
 BODY_DISCARD_CHUNK = 256 * 1024
 # Probes and scrapes stay out of the request metrics.
 UNMETERED_ROUTES = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
@@ -60,6 +60,11 @@ def register_api(app: Flask, settings: Settings) -> None:
 
     for blueprint in (health.blueprint, v1.blueprint, v2.blueprint, docs.blueprint):
         app.register_blueprint(blueprint)
+    # Requests to these views queue for an inference thread: when that queue is full they are shed before their body
+    # is read (decide before you spend).
+    app.extensions[QUEUED_ENDPOINTS] = frozenset(
+        endpoint for endpoint, view in app.view_functions.items() if getattr(view, "openapi", None) is not None
+        and view.openapi.queued)
     app.register_error_handler(ServiceError, _service_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -111,7 +116,7 @@ def _service_error(error: ServiceError):
     if isinstance(error, Overloaded):
         if (context := request_context.current()) is not None:
             context.shed_reason = error.reason
-        if error.reason == "queue_full":
+        if error.reason == contract.QUEUE_FULL:
             request.environ[BACKOFF_ENVIRON_KEY] = state().settings.SHED_BACKOFF
     if isinstance(error, (RequestTimeout, PayloadTooLarge)) and g.get("body_unread"):
         response.headers["Connection"] = "close"  # the rest of the body is still on its way: don't read it
@@ -138,7 +143,7 @@ def _admit_and_read_body() -> None:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(_too_large_message(limit))
     try:
-        if request.endpoint in QUEUED_ENDPOINTS:
+        if request.endpoint in current_app.extensions[QUEUED_ENDPOINTS]:
             app.pipeline.queue.admit()
         g.held_bytes = app.pipeline.queue.hold_bytes(request.content_length or limit)
     except Overloaded:

@@ -1,5 +1,7 @@
-"""The web page, the OpenAPI document (generated: service/api/openapi.py) and its human-readable form at /docs:
-Swagger UI from the swagger-ui-bundle-v2 package, served from here, so the browser fetches nothing elsewhere."""
+"""The web page, GET /openapi.json and its human-readable form at /docs.
+
+The document is generated (service/api/openapi.py); /docs is Swagger UI from the swagger-ui-bundle-v2 package, served
+from here, so the browser fetches nothing elsewhere."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""GET /openapi.json, generated: the routes come from the app's URL map, each view's contract from its
-``@documented(...)`` declaration, and every body schema from the pydantic models in service/api/schemas.py.
+"""The OpenAPI document, generated from the running app, and each view's declared contract (``@documented``).
+
+The routes come from the app's URL map, each view's contract from its ``@documented(...)`` declaration (which also
+says whether it waits in the inference queue), and every body schema from the pydantic models in
+service/api/schemas.py.
 
 The document describes this server as it runs: its limits come from its settings, and the model names, versions,
 labels and input shapes it takes come from the models it serves, so the document is exactly as strict as the
@@ -18,7 +21,7 @@ from flask import Flask
 from pydantic import BaseModel
 
 import service
-from service import compat, errors
+from service import auth, compat, errors
 from service.api import schemas
 
 TAGS = {
@@ -91,14 +94,16 @@ class Operation:
     errors: tuple[int, ...] = ()
     body: str | None = None
     query: tuple[str, ...] = ()
+    queued: bool = False
 
 
 def documented(summary: str, description: str, *, tags: Sequence[str], responses: dict[int, type[BaseModel] | Reply],
-               errors: Iterable[int] = (), body: str | None = None, query: Sequence[str] = ()):
+               errors: Iterable[int] = (), body: str | None = None, query: Sequence[str] = (), queued: bool = False):
     """Declare a view's contract: its summary, its responses by status (models, or a Reply), the error statuses it
     raises itself (those of reading a body, of API keys and of the HTTP server are added), its request body
-    ("Images", "Image" or "InferenceRequest") and its query parameters ("TopK", "InspectClass")."""
-    operation = Operation(summary, description, tuple(tags), responses, tuple(errors), body, tuple(query))
+    ("Images", "Image" or "InferenceRequest"), its query parameters ("TopK", "InspectClass"), and whether it waits in
+    the inference queue (then a full queue sheds it before its body is read)."""
+    operation = Operation(summary, description, tuple(tags), responses, tuple(errors), body, tuple(query), queued)
 
     def declare(view):
         view.openapi = operation
@@ -191,11 +196,10 @@ class _Builder:
         if operation.body:
             result["requestBody"] = {"$ref": f"#/components/requestBodies/{operation.body}"}
         responses = {str(status): self._response(reply) for status, reply in operation.responses.items()}
-        protected = path.startswith(("/v1/", "/v2")) and not path.startswith("/v2/health")
         statuses = set(operation.errors) | {500, *SERVER_STATUSES}
         if operation.body:
             statuses |= set(BODY_STATUSES)
-        if protected:
+        if auth.protected(path):
             statuses.add(401)
             result["security"] = [{"bearer": []}, {"apiKey": []}]
             if not self.facts.keys:

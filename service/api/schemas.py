@@ -1,6 +1,7 @@
-"""The request and response bodies as types. The views build their answers through these models (a response that
-does not fit its model is a server bug, answered 500 and logged, never sent), and GET /openapi.json is generated from
-them (service/api/openapi.py).
+"""The HTTP request and response bodies as types, from which the answers are encoded and the OpenAPI is generated.
+
+The views build their answers through these models (a response that does not fit its model is a server bug, answered
+500 and logged, never sent), and GET /openapi.json is generated from them (service/api/openapi.py).
 
 Adding a field to a response is one line in its model. Every model forbids fields it does not declare, so the
 document says exactly what is sent: a view that sends more fails its own tests.
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from service import contract
 from service import metadata as stored
 from service.oip import FP32_LIMIT
 
@@ -27,7 +29,7 @@ class RequestBody(BaseModel):
 
 
 Probability = Annotated[float, Field(ge=0, le=1)]
-Precision = Annotated[Literal["int8", "fp32"], Field(
+Precision = Annotated[contract.Precision, Field(
     description="The graph that classifies: the INT8 quantized one, or FP32 (PRECISION, and what the version has).")]
 PngDataUrl = Annotated[str, Field(pattern=r"^data:image/png;base64,", description="A PNG as a data: URL.",
                                   json_schema_extra={"contentMediaType": "image/png"})]
@@ -317,7 +319,7 @@ class ModelList(Body):
 
 # /v2: the Open Inference Protocol -----------------------------------------------------------------------------------
 Datatype = Literal["FP32", "BYTES", "BOOL"]
-OutputName = Literal["probabilities", "domain_score", "in_domain"]
+OutputName = contract.OutputName
 
 
 class ServerMetadata(Body):
@@ -394,7 +396,7 @@ class Fp32Input(RequestBody):
     """N images, preprocessed exactly as the model's metadata says (GET /v1/models/{name}, `input`)."""
 
     model_config = ConfigDict(title="FP32 input")
-    name: Literal["input"] = Field(description="The model's input name.")
+    name: Literal[contract.INPUT] = Field(description="The model's input name.")
     datatype: Literal["FP32"]
     shape: list[int] = Field(description="[N, 3, H, W] with the model's H and W.")
     data: list[Float32] = Field(min_length=1, description="N·3·H·W numbers, row-major (flat, or nested as the "

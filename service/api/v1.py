@@ -34,7 +34,7 @@ def _top_k() -> int | None:
             "batch: the top label, its confidence and every label's probability; with `top_k`, the k best too. The "
             "model is looked up before the body is read: an unknown one is a 404 whatever the body.",
             tags=["classify"], responses={200: ClassifyResponse}, errors=(400, 404, 413, 415, 503), body="Images",
-            query=["TopK"])
+            query=["TopK"], queued=True)
 def classify(name: str | None = None, version: str | None = None):
     app = state()
     top_k = _top_k()
@@ -52,7 +52,8 @@ def classify(name: str | None = None, version: str | None = None):
             "network sees it, every stage's output in order (feature maps tiled in a PNG, vectors as numbers), the "
             "prediction, and a class activation map for models with one (null for lenet). Body forms as for "
             "classify, one image only.", tags=["inspect"], responses={200: InspectResponse},
-            errors=(400, 404, 413, 415, 503), body="Image", query=["InspectClass"])
+            errors=(400, 404, 413, 415, 503), body="Image", query=["InspectClass"],
+            queued=True)
 def inspect(name: str | None = None, version: str | None = None):
     app = state()
     model = app.registry.get(name, version)

@@ -104,7 +104,7 @@ def model_ready(name: str, version: str | None = None):
                 {"application/json": InferenceResponse, "application/octet-stream": {"type": "string"}},
                 {HEADER_LENGTH: {"description": "On binary answers: the length of the JSON at the start of the body.",
                                  "schema": {"type": "integer", "minimum": 0}}})},
-            errors=(400, 404, 413, 503), body="InferenceRequest")
+            errors=(400, 404, 413, 503), body="InferenceRequest", queued=True)
 def infer(name: str, version: str | None = None):
     app = state()
     model = app.registry.get(name, version)
