@@ -34,6 +34,10 @@ def protected(path: str) -> bool:
     return path not in OPEN_PATHS and path.startswith(PROTECTED_PREFIXES)
 
 
+class KeyFileError(ValueError):
+    """API_KEYS_FILE cannot be read or holds no key; the message says what to do."""
+
+
 def load_keys(settings: Settings) -> list[bytes]:
     """The configured keys. An API_KEYS_FILE that cannot be read, or holds no key (a placeholder Secret), stops the
     start: keys were asked for, and serving without them would be a silent open door."""
@@ -41,14 +45,14 @@ def load_keys(settings: Settings) -> list[bytes]:
 
 
 def read_key_file(path: str) -> list[bytes]:
-    """The keys in an API_KEYS_FILE; SystemExit (with what to do) if it cannot be read or holds none."""
+    """The keys in an API_KEYS_FILE; KeyFileError (with what to do) if it cannot be read or holds none."""
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SystemExit(f"API_KEYS_FILE={path}: cannot read it ({getattr(exc, 'strerror', None) or exc}).") from exc
+        raise KeyFileError(f"API_KEYS_FILE={path}: cannot read it ({getattr(exc, 'strerror', None) or exc}).") from exc
     keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not keys:
-        raise SystemExit(f"API_KEYS_FILE={path} holds no key: write one key per line (a Kubernetes Secret's 'keys' "
+        raise KeyFileError(f"API_KEYS_FILE={path} holds no key: write one key per line (a Kubernetes Secret's 'keys' "
                          "entry), or unset API_KEYS_FILE to serve without keys.")
     return [key.encode() for key in keys]
 
@@ -90,9 +94,9 @@ class ApiKeys:
 
         try:
             keys = self._static + read_key_file(self._path)
-        except SystemExit as exc:
+        except KeyFileError as exc:
             metrics.API_KEY_RELOADS.labels("failed").inc()
-            log.error("%s; the %d keys read before stay in force until it holds keys again", exc.code,
+            log.error("%s; the %d keys read before stay in force until it holds keys again", exc,
                       len(self.keys))
             return
         metrics.API_KEY_RELOADS.labels("ok").inc()

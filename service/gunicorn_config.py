@@ -13,31 +13,64 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 
 from service import compat
-from service.auth import load_keys
+from service.auth import KeyFileError, load_keys
 from service.logs import gunicorn_logconfig
-from service.settings import Settings, SettingsError, stop
+from service.settings import Settings, SettingsError, gunicorn_override_problems, stop
 
-# A bad setting stops the start here, once, before any worker: one line per problem on stderr and exit status 2.
-# (gunicorn prints a traceback for an exception raised while it imports this module; SystemExit passes through.)
-try:
-    settings = Settings.from_env()
-except SettingsError as exc:
-    stop(exc.lines)
-if problems := settings.start_problems():
-    stop(problems)
-try:
-    load_keys(settings)  # an unreadable or empty API_KEYS_FILE
-except SystemExit as exc:
-    stop([f"convserve: {exc.code}"])
-try:
-    compat.check()  # the gunicorn and Werkzeug internals the workers borrow
-except compat.MissingInternal as exc:
-    stop([str(exc)])
 
-wsgi_app = "service:create_app()"
+def start_checks() -> Settings:
+    """Every check made before a worker starts, in one place: the settings' values, the paths they name, gunicorn
+    options that would override them, the API keys file, the borrowed server internals and the gRPC port. The first
+    that fails stops the start: one line per problem on stderr, exit status 2, no traceback (gunicorn prints one for
+    an exception raised while it imports this module; SystemExit passes through)."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        stop(exc.lines)
+    if problems := settings.start_problems() + gunicorn_override_problems(sys.argv[1:]):
+        stop(problems)
+    try:
+        load_keys(settings)
+        compat.check()
+    except (KeyFileError, compat.MissingInternal) as exc:
+        stop([str(exc) if str(exc).startswith("convserve: ") else f"convserve: {exc}"])
+    if settings.GRPC_PORT and (problem := _port_taken(settings.HOST, settings.GRPC_PORT)):
+        stop([f"convserve: GRPC_PORT={settings.GRPC_PORT} is not free on {settings.HOST} ({problem}): set another "
+              "port, or GRPC_PORT=0 for no gRPC"])
+    return settings
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be bound, if it cannot. Workers bind it with SO_REUSEPORT, which would let them share it
+    silently with another server of this user's: a plain bind here finds any holder first."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror
+    return None
+
+
+# The settings of this server, made once here in the master; the forked workers inherit this very object (through
+# serving_app and the worker class), so nothing re-reads the environment behind the master's back.
+settings = start_checks()
+
+
+def serving_app():
+    """The app each worker serves, made after fork (ONNX Runtime sessions are not fork-safe) from these settings."""
+    from service import create_app
+
+    return create_app(settings)
+
+
+wsgi_app = "service.gunicorn_config:serving_app()"
 bind = f"{settings.HOST}:{settings.PORT}"
 workers = settings.WORKERS
 worker_class = "service.worker.ServingWorker"
@@ -79,26 +112,9 @@ def on_starting(server):
     except OSError as exc:
         stop([f"convserve: PROMETHEUS_MULTIPROC_DIR={shlex.quote(folder)} is not usable: a folder this user can "
               f"create and empty ({exc.strerror})"])
-    if settings.GRPC_PORT and (problem := _port_taken(settings.HOST, settings.GRPC_PORT)):
-        stop([f"convserve: GRPC_PORT={settings.GRPC_PORT} is not free on {settings.HOST} ({problem}): set another "
-              "port, or GRPC_PORT=0 for no gRPC"])
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # for prometheus_client in the workers, which reads it itself
     _metrics_folder[:] = [folder]
     server.log.info("metrics folder %s", folder)
-
-
-def _port_taken(host: str, port: int) -> str | None:
-    """Why ``port`` cannot be bound, if it cannot. Workers bind it with SO_REUSEPORT, which would let them share it
-    silently with another server of this user's: a plain bind here finds any holder first."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            return exc.strerror
-    return None
 
 
 def post_worker_init(worker):

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 
 from service import contract, metrics_files
 from service.errors import MetricsUnavailable
-from service.settings import Settings
+from service.settings import prometheus_folder
 
 metrics_files.install()  # before the first metric is made
 log = logging.getLogger("convserve")
@@ -204,7 +204,7 @@ EXPORTED_METRICS = [REQUESTS, REQUEST_LATENCY, IN_FLIGHT, PREPROCESS_LATENCY, IN
                     VERIFICATION, VERIFICATION_SECONDS, STORE_ERRORS, STORE_OK, WATCHDOG_TRIPS, API_KEY_RELOADS]
 
 # The mode prometheus_client took at import, from the same variable (the gunicorn config sets it before workers).
-MULTIPROCESS_FOLDER = Settings.from_env().PROMETHEUS_MULTIPROC_DIR
+MULTIPROCESS_FOLDER = prometheus_folder()
 
 
 def exposition() -> tuple[bytes, str]:

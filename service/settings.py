@@ -370,6 +370,30 @@ class Settings:
         return problems
 
 
+# gunicorn options that these settings own. Given on gunicorn's command line or in GUNICORN_CMD_ARGS, they would win
+# over the config file without a word: --workers 4 with WORKERS=2 would also leave INFERENCE_THREADS sized for 2.
+GUNICORN_OPTIONS = {"-w": "WORKERS", "--workers": "WORKERS", "-b": "HOST and PORT", "--bind": "HOST and PORT",
+                    "-t": "TIMEOUT", "--timeout": "TIMEOUT", "--graceful-timeout": "GRACEFUL_TIMEOUT",
+                    "--keep-alive": "KEEPALIVE", "--worker-connections": "WORKER_CONNECTIONS",
+                    "--log-level": "LOG_LEVEL", "--forwarded-allow-ips": "FORWARDED_ALLOW_IPS"}
+
+
+def gunicorn_override_problems(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """A line for each gunicorn option in ``argv`` or GUNICORN_CMD_ARGS that would override a setting."""
+    environ = os.environ if environ is None else environ
+    problems = []
+    for source, words in (("GUNICORN_CMD_ARGS", shlex.split(environ.get("GUNICORN_CMD_ARGS", ""))),
+                          ("gunicorn's command line", argv)):
+        for word in words:
+            option = word.split("=", 1)[0]
+            if not option.startswith("--"):
+                option = option[:2]  # -w4 is -w 4
+            if option in GUNICORN_OPTIONS:
+                problems.append(f"convserve: {source} sets {option}, which {GUNICORN_OPTIONS[option]} owns here: set "
+                                "that instead (README \"Configuration\")")
+    return problems
+
+
 def problem(name: str, value, allowed: str, description: str = "") -> str:
     """One line: the setting, the value given, what it allows, and (briefly) what the setting is."""
     given = shlex.quote(value) if isinstance(value, str) else str(value)
@@ -383,6 +407,13 @@ def stop(lines: list[str]) -> NoReturn:
         print(line, file=sys.stderr)
     sys.stderr.flush()
     raise SystemExit(2)
+
+
+def prometheus_folder(environ: dict[str, str] | None = None) -> str:
+    """The multiprocess metrics folder prometheus_client uses in this process, read from the environment as
+    prometheus_client reads it: the gunicorn config sets it before any worker (to a private folder when the
+    PROMETHEUS_MULTIPROC_DIR setting is empty); empty without gunicorn."""
+    return (os.environ if environ is None else environ).get("PROMETHEUS_MULTIPROC_DIR", "")
 
 
 def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

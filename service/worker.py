@@ -37,7 +37,6 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from service import compat, request_context
 from service.errors import BACKOFF_ENVIRON_KEY, HTTP_STATUS_CODES
-from service.settings import Settings
 
 log = logging.getLogger("convserve")
 
@@ -107,7 +106,7 @@ class ServingWorker(GeventWorker):
         state = self.app_state
         if state is not None:
             state.registry.begin_shutdown()
-        drain = state.settings.DRAIN_SECONDS if state is not None else Settings.from_env().DRAIN_SECONDS
+        drain = (state.settings if state is not None else _server_settings()).DRAIN_SECONDS
         gevent.sleep(max(0.0, drain))
         self._stop_accepting()
 
@@ -131,6 +130,13 @@ class ServingWorker(GeventWorker):
         self.alive = False
         if getattr(self, "grpc", None) is not None:
             self.grpc.stop(self.cfg.graceful_timeout)  # no new calls; those in flight finish
+
+
+def _server_settings():
+    """The settings the master made (service/gunicorn_config.py), which this forked worker inherited."""
+    from service.gunicorn_config import settings
+
+    return settings
 
 
 class _JsonErrors:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from service.settings import Settings, SettingsError
 from tests.helpers import free_port
@@ -191,6 +192,8 @@ GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:service
     ("MODEL_STORE", "/nonexistent/store", "convserve: MODEL_STORE=/nonexistent/store is not a readable folder"),
     ("API_KEYS_FILE", "/nonexistent/keys", "convserve: API_KEYS_FILE=/nonexistent/keys: cannot read it (No such file "
                                            "or directory)."),
+    ("GUNICORN_CMD_ARGS", "--workers 4", "convserve: GUNICORN_CMD_ARGS sets --workers, which WORKERS owns here: set "
+                                         'that instead (README "Configuration")'),
 ])
 def test_gunicorn_stops_with_one_line_and_no_traceback(setting, value, line):
     """`make serve` and the image's CMD: the master exits before any worker, status 2, one line on stderr."""
@@ -262,3 +265,40 @@ def test_markdown_puts_code_in_backticks():
     assert "`convnet=4,lenet=1`" in rows["MODEL_VERSION_POLICY"] and "`/v1/classify`" in rows["DEFAULT_MODEL"]
     assert "connection's next request" in rows["SHED_BACKOFF"], "an apostrophe is no quote"
     assert "`67108864` (64 MiB)" in rows["BODY_BUFFER_BYTES"]
+
+
+# ---- settings are made once per server, in the master, and passed down -------------------------------------------
+
+COUNTING_SITECUSTOMIZE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from service import settings
+made = settings.Settings.__post_init__
+def counted(self):
+    with open({record!r}, "a") as record:
+        record.write(f"{{os.getpid()}}\\n")
+    made(self)
+settings.Settings.__post_init__ = counted
+"""
+
+
+def test_a_server_makes_its_settings_once_in_the_master(tmp_path):
+    """Workers, requests, scrapes and the SIGTERM drain all use the master's settings, inherited at fork."""
+    from tests.helpers import GunicornServer, image_bytes
+
+    record = tmp_path / "settings-made"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(COUNTING_SITECUSTOMIZE.format(root=str(ROOT), record=str(record)))
+    server = GunicornServer(tmp_path, PYTHONPATH=str(site), WORKERS=2, DRAIN_SECONDS="0.2")
+    try:
+        server.wait_ready()
+        assert requests.post(server.url + "/v1/classify", data=image_bytes(), headers={"Content-Type": "image/png"},
+                             timeout=10).status_code == 200
+        assert requests.get(server.url + "/metrics", timeout=10).status_code == 200
+        workers = server.worker_pids()
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log()
+    assert record.read_text().split() == [str(server.process.pid)], \
+        f"settings made by {record.read_text().split()}; master {server.process.pid}, workers {sorted(workers)}"

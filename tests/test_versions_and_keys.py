@@ -17,6 +17,7 @@ import requests
 import tritonclient.http as triton
 
 from service import create_app, metrics
+from service.auth import KeyFileError
 from service.registry import ModelRegistry
 from service.settings import Settings
 from tests.conftest import wait_ready
@@ -93,12 +94,12 @@ def test_keys_are_off_unless_configured(client):
 
 
 def test_an_unreadable_or_empty_keys_file_stops_the_start(lenet_store, tmp_path):
-    with pytest.raises(SystemExit, match="cannot read"):
+    with pytest.raises(KeyFileError, match="cannot read"):
         create_app(Settings.from_env({}, MODEL_STORE=lenet_store, API_KEYS_FILE=str(tmp_path / "missing")),
                    load_models=False)
     placeholder = tmp_path / "keys"
     placeholder.write_text("# replace me with real keys, one per line\n\n")
-    with pytest.raises(SystemExit, match="holds no key"):
+    with pytest.raises(KeyFileError, match="holds no key"):
         create_app(Settings.from_env({}, MODEL_STORE=lenet_store, API_KEYS_FILE=str(placeholder)),
                    load_models=False)
 
