@@ -36,18 +36,17 @@ import numpy as np
 import requests
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.inprocess import in_process_worker
+from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients
+from bench.overhead import overhead_cases, tracing_cost
+from bench.protocols import compare, grpc_overload, run_rest
+from bench.soak import soak
+from service.model import OnnxModel
+from service.settings import Settings, available_cpus
+from service.verification import cpu
+from tests.helpers import GunicornServer, encode, metric_value, pattern
 
-from bench.inprocess import in_process_worker  # noqa: E402
-from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients  # noqa: E402
-from bench.overhead import overhead_cases, tracing_cost  # noqa: E402
-from bench.protocols import compare, grpc_overload, run_rest  # noqa: E402
-from bench.soak import soak  # noqa: E402
-from service.model import OnnxModel  # noqa: E402
-from service.settings import Settings, available_cpus  # noqa: E402
-from service.verification import cpu  # noqa: E402
-from tests.helpers import GunicornServer, encode, metric_value, pattern  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SYNC_BASELINE = ("--worker-class", "sync")  # the configuration before the gevent worker, kept as a baseline
 

@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.load import Wrk
+from service.settings import available_cpus
+from tests.helpers import free_port, image_bytes, wait_for
 
-from bench.load import Wrk  # noqa: E402
-from service.settings import available_cpus  # noqa: E402
-from tests.helpers import free_port, image_bytes, wait_for  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def measure(replicas: int, wrk: Wrk, seconds: int, connections: int) -> dict:

@@ -40,11 +40,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     from service import logs
     from service.api import StrictJSONProvider, register_api
     from service.auth import ApiKeys, load_keys
+    from service.inference_queue import InferenceQueue
     from service.metrics import MULTIPROCESS_FOLDER
     from service.pipeline import InferencePipeline
     from service.registry import ModelRegistry
     from service.repository import Repository
-    from service.scheduler import InferenceQueue
     from service.settings import Settings
     from service.tracing import Tracing
 
@@ -52,12 +52,13 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
-    app.config["MAX_FORM_PARTS"] = settings.MAX_BATCH_IMAGES + 16  # file parts, and a few plain fields
+    app.config["MAX_FORM_PARTS"] = settings.MAX_IMAGES_PER_REQUEST + 16  # file parts, and a few plain fields
     app.json = StrictJSONProvider(app)
     app.json.sort_keys = False
     registry = registry or ModelRegistry(settings)
     queue = InferenceQueue(settings.inference_threads, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT,
-                           settings.BATCH_IMAGES, settings.BODY_BUFFER_BYTES, settings.INFERENCE_WATCHDOG_SECONDS)
+                           settings.MAX_IMAGES_PER_INFERENCE, settings.BODY_BUFFER_BYTES,
+                           settings.INFERENCE_WATCHDOG_SECONDS)
     repository = Repository(registry, MULTIPROCESS_FOLDER, settings.REPOSITORY_TIMEOUT)
     app.extensions["convserve"] = AppState(settings, registry, InferencePipeline(settings, queue),
                                            ApiKeys(load_keys(settings), watching=settings), repository,

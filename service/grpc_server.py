@@ -10,9 +10,9 @@ models and the readiness are per worker, so sharing them needs no copy and no ho
 "gRPC" has the measurements.
 
 A call runs on one of the server's GRPC_MAX_CALLS threads (more get RESOURCE_EXHAUSTED from gRPC itself, at once).
-Its inference waits in the worker's inference queue with REST's requests (service/scheduler.py), batched with them;
-when its turn comes the gRPC thread runs the batch itself, which saves the hand-over to the event loop and its thread
-pool that REST needs. A full queue answers RESOURCE_EXHAUSTED with ``retry-after`` and ``grpc-retry-pushback-ms``
+Its inference waits in the worker's inference queue with REST's requests (service/inference_queue.py), batched with
+them; when its turn comes the gRPC thread runs the batch itself, which saves the hand-over to the event loop and its
+thread pool that REST needs. A full queue answers RESOURCE_EXHAUSTED with ``retry-after`` and ``grpc-retry-pushback-ms``
 trailers; a call waits at most 40 % of what its deadline leaves. Messages are parsed here, not by gRPC, so a message
 that is not the protocol's answers INVALID_ARGUMENT rather than an internal error. Errors map from the service's
 typed errors (service/errors.py) by HTTP status.

@@ -4,8 +4,8 @@
 
 One worker process per core, each a gevent worker (service/worker.py): connections are greenlets, so slow or idle
 clients cost almost nothing and health probes never wait behind inference; decoding and ONNX Runtime run on
-INFERENCE_THREADS real threads per worker behind a bounded queue (service/scheduler.py). Each worker loads the models
-itself after fork: ONNX Runtime sessions are not fork-safe.
+INFERENCE_THREADS real threads per worker behind a bounded queue (service/inference_queue.py). Each worker loads the
+models itself after fork: ONNX Runtime sessions are not fork-safe.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 from service import compat
 from service.auth import KeyFileError, load_keys
 from service.logs import gunicorn_logconfig
-from service.settings import Settings, SettingsError, gunicorn_override_problems, stop
+from service.settings import Settings, SettingsError, deprecation_warnings, gunicorn_override_problems, stop
 
 
 def start_checks() -> Settings:
@@ -33,6 +33,8 @@ def start_checks() -> Settings:
         stop(exc.lines)
     if problems := settings.start_problems() + gunicorn_override_problems(sys.argv[1:]):
         stop(problems)
+    for warning in deprecation_warnings():
+        print(warning, file=sys.stderr)
     try:
         load_keys(settings)
         compat.check()
@@ -75,7 +77,7 @@ bind = f"{settings.HOST}:{settings.PORT}"
 workers = settings.WORKERS
 worker_class = "service.worker.ServingWorker"
 worker_connections = settings.WORKER_CONNECTIONS
-timeout = settings.TIMEOUT
+timeout = settings.WORKER_HEARTBEAT_TIMEOUT
 graceful_timeout = settings.GRACEFUL_TIMEOUT
 # Also the time allowed for a request's headers to arrive (gevent.Timeout around the header parse).
 keepalive = settings.KEEPALIVE
@@ -123,7 +125,7 @@ def post_worker_init(worker):
     flask_app = getattr(worker, "flask_app", worker.wsgi)
     state = flask_app.extensions.get("convserve") if hasattr(flask_app, "extensions") else None
     if state is not None:
-        state.registry.loading_done.wait(timeout=max(1, settings.TIMEOUT - 5))
+        state.registry.loading_done.wait(timeout=max(1, settings.WORKER_HEARTBEAT_TIMEOUT - 5))
 
 
 def child_exit(server, worker):

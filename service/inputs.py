@@ -59,7 +59,7 @@ def images_from_request(request: Request, max_images: int) -> list[bytes]:
 
 
 def check_batch_size(count: int, max_images: int) -> None:
-    """The one check of MAX_BATCH_IMAGES, for every form a request takes (/v1 bodies, /v2 tensors)."""
+    """The one check of MAX_IMAGES_PER_REQUEST, for every form a request takes (/v1 bodies, /v2 tensors)."""
     if count > max_images:
         raise TooManyImages(f"{count} images in one request; the limit is {max_images}. Split the batch.")
 

@@ -24,13 +24,13 @@ Share = Annotated[float, Field(ge=0.0, le=1.0)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
-class Strict(BaseModel):
+class ForwardCompatible(BaseModel):
     """Fields are checked; fields this version does not know are kept (a newer exporter may add some)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
-class Preprocessing(Strict):
+class Preprocessing(ForwardCompatible):
     """How images become the input tensor; ``service.preprocessing`` is the one implementation."""
 
     height: int = Field(ge=1)
@@ -53,7 +53,7 @@ class Preprocessing(Strict):
                          alpha_background=self.alpha_background)
 
 
-class TensorSpec(Strict):
+class TensorSpec(ForwardCompatible):
     name: str = Field(min_length=1)
     dtype: Literal["float32", "bool"]
     shape: list[int]
@@ -71,7 +71,7 @@ class InputTensor(TensorSpec):
         return self
 
 
-class StoredFile(Strict):
+class StoredFile(ForwardCompatible):
     path: str = Field(min_length=1, pattern=r"^[^/\\]+$")  # a file in the version folder, never elsewhere
     sha256: Sha256
 
@@ -87,7 +87,7 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-class Files(Strict):
+class Files(ForwardCompatible):
     model: StoredFile  # FP32 classify graph
     inspect: StoredFile  # every stage by name, for /v1/inspect
     filters: StoredFile  # first-layer weights (.npy): the service needs no ONNX parser to show them
@@ -101,52 +101,52 @@ class Files(Strict):
                 if isinstance(stored, StoredFile)]
 
 
-class Stage(Strict):
+class Stage(ForwardCompatible):
     name: str
     kind: str
     shape: list[int]
 
 
-class Inspection(Strict):
+class Inspection(ForwardCompatible):
     stages: list[Stage] = Field(min_length=1)
     class_maps: str | None = None
     cam_stage: str | None = None
     first_conv: str
 
 
-class Architecture(Strict):
+class Architecture(ForwardCompatible):
     name: str
     parameters: int = Field(ge=1)
     tta_flip: bool
     description: str = ""
 
 
-class ClassMetrics(Strict):
+class ClassMetrics(ForwardCompatible):
     accuracy: Share
     precision: Share
     support: int = Field(ge=0)
 
 
-class Validation(Strict):
+class Validation(ForwardCompatible):
     accuracy: Share
     loss: float = Field(ge=0)
     count: int = Field(ge=1)
     per_class: dict[str, ClassMetrics]
 
 
-class ConfusionMatrix(Strict):
+class ConfusionMatrix(ForwardCompatible):
     labels: list[str]
     rows_true_columns_predicted: list[list[int]]
 
 
-class CalibrationFigures(Strict):
+class CalibrationFigures(ForwardCompatible):
     accuracy: Share
     ece: Share  # expected calibration error, 15 equal-width confidence bins
     log_loss: float = Field(ge=0)
     mean_confidence: Share
 
 
-class Calibration(Strict):
+class Calibration(ForwardCompatible):
     """Temperature scaling fitted on the validation split and baked into the graph: softmax(logits / T)."""
 
     method: Literal["temperature"] = "temperature"
@@ -156,7 +156,7 @@ class Calibration(Strict):
     after: CalibrationFigures
 
 
-class Domain(Strict):
+class Domain(ForwardCompatible):
     """The "none of these" answer: ``domain_score`` (higher = more like the training images) and ``in_domain``
     (score >= threshold), both computed in the graph."""
 
@@ -170,7 +170,7 @@ class Domain(Strict):
     candidates: dict[str, Share] = Field(default_factory=dict)  # ROC AUC of each score export compared
 
 
-class Baselines(Strict):
+class Baselines(ForwardCompatible):
     """What validation measured on in-domain images, for drift alerts in production."""
 
     mean_confidence: Share
@@ -178,7 +178,7 @@ class Baselines(Strict):
     mean_domain_score: float
 
 
-class PrecisionFigures(Strict):
+class PrecisionFigures(ForwardCompatible):
     accuracy: Share
     per_class_accuracy: dict[str, Share]
     latency_ms: float | None = None  # one image, one thread, median
@@ -191,7 +191,7 @@ class PrecisionFigures(Strict):
     calibration: CalibrationFigures | None = None
 
 
-class Quantization(Strict):
+class Quantization(ForwardCompatible):
     """INT8 against FP32 on the validation split; ``accepted`` only when every check passed."""
 
     accepted: bool
@@ -207,7 +207,7 @@ class Quantization(Strict):
     saturation_free: bool | None = None  # no 8-bit product pair can overflow a 16-bit lane (see training/quantize.py)
 
 
-class Metrics(Strict):
+class Metrics(ForwardCompatible):
     validation: Validation
     confusion_matrix: ConfusionMatrix
     calibration: Calibration
@@ -216,7 +216,7 @@ class Metrics(Strict):
     quantization: Quantization | None = None
 
 
-class ModelMetadata(Strict):
+class ModelMetadata(ForwardCompatible):
     schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(min_length=1)
     version: str = Field(pattern=r"^[0-9]+$")

@@ -1,7 +1,7 @@
 """The inference pipeline, on behalf of the views: decode and preprocess → model → shaped answer, plus metrics.
 
 The views hand over plain request data (bytes, parsed JSON) and get plain dicts back; they never touch ONNX Runtime
-or numpy. Every public method runs its CPU work through the inference queue (service/scheduler.py): on a real
+or numpy. Every public method runs its CPU work through the inference queue (service/inference_queue.py): on a real
 inference thread, bounded in how many wait and for how long.
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 
 from service import contract, metrics, oip, request_context, visualize
 from service.errors import DecodeBudgetExceeded, InvalidParameter, ServiceError
+from service.inference_queue import InferenceQueue
 from service.model import OnnxModel, Outputs
 from service.preprocessing import decode_opened, decoded_bytes, normalize, open_for, open_image
-from service.scheduler import InferenceQueue
 from service.settings import Settings
 
 # What "small" means for work that may skip the hand-over to a thread: each image at most this many pixels (its
@@ -57,11 +57,11 @@ class InferencePipeline:
               patience: float | None = None) -> tuple[dict, list[bytes]]:
         """An Open Inference Protocol request (its JSON and binary part, REST or gRPC alike) → the response JSON and
         binary blobs. Batched with classify requests for the same version: both become the model's input batch."""
-        images = oip.image_count(request, self.settings.MAX_BATCH_IMAGES)
+        images = oip.image_count(request, self.settings.MAX_IMAGES_PER_REQUEST)
         plan = oip.requested_outputs(request, model)  # a bad "outputs" fails before the request queues
 
         def prepare() -> np.ndarray:
-            tensor = oip.input_tensor(request, model, binary, self.settings.MAX_BATCH_IMAGES)
+            tensor = oip.input_tensor(request, model, binary, self.settings.MAX_IMAGES_PER_REQUEST)
             if isinstance(tensor, np.ndarray):  # FP32, of the model's input shape: input_tensor has checked it
                 return np.ascontiguousarray(tensor, dtype=np.float32)
             return self.preprocess(model, tensor)  # encoded images, as many as the shape says
@@ -75,7 +75,7 @@ class InferencePipeline:
         images (read from their headers alone), through a graph whose cost is fixed by its input shape, at the
         speed measured at load, while this worker serves no other request (under concurrency the thread wins:
         requests that wait together share one ONNX Runtime call). Such work may run on the event loop
-        (service/scheduler.py)."""
+        (service/inference_queue.py)."""
         budget = self.settings.INLINE_WORK_SECONDS
         if not budget or not model.fixed_cost or model.image_seconds * len(images) > budget:
             return False

@@ -224,8 +224,8 @@ class Settings:
                                       whole(0, note=" (0 = automatic)"))
     MAX_QUEUE: int = _setting(64, "requests per worker that may wait for an inference thread; more are shed at once "
                                   "(503 overloaded)", whole(1))
-    BATCH_IMAGES: int = _setting(8, "most images one ONNX Runtime call takes when waiting requests are batched "
-                                    "together; 1 = no batching", whole(1))
+    MAX_IMAGES_PER_INFERENCE: int = _setting(8, "most images one ONNX Runtime call takes when waiting requests are "
+                                                "batched together; 1 = no batching", whole(1))
     # Measured on a 2-core AMD EPYC VM: handing a request to an inference thread and back costs about 0.8 ms, more
     # than lenet's whole work on a small image (0.3 ms). Work estimated under this runs on the event loop instead.
     INLINE_WORK_SECONDS: float = _setting(0.001, "a request whose work is estimated below this (images of at most "
@@ -249,14 +249,14 @@ class Settings:
                               whole(1, note=" (seconds)"))
     WORKER_CONNECTIONS: int = _setting(1000, "open connections per worker (idle and slow ones cost a few kB each)",
                                        whole(1))
-    TIMEOUT: int = _setting(30, "seconds a worker may go without a heartbeat before the master restarts it",
-                            whole(1, note=" (seconds)"))
+    WORKER_HEARTBEAT_TIMEOUT: int = _setting(30, "seconds a worker may go without a heartbeat before the master "
+                                                 "restarts it (not a request timeout)", whole(1, note=" (seconds)"))
     GRACEFUL_TIMEOUT: int = _setting(30, "seconds workers get to finish in-flight requests on shutdown (the drain "
                                          "included)", whole(1, note=" (seconds)"))
     DRAIN_SECONDS: float = _setting(0.0, "on SIGTERM, keep serving this long with /readyz at 503 before stopping",
                                     seconds(note=", less than GRACEFUL_TIMEOUT"))
     MAX_UPLOAD_BYTES: int = _setting(10 * 1024 * 1024, "largest request body accepted (413 above)", whole(1))
-    MAX_BATCH_IMAGES: int = _setting(64, "most images in one request (413 above)", whole(1))
+    MAX_IMAGES_PER_REQUEST: int = _setting(64, "most images in one request (413 above)", whole(1))
     MAX_IMAGE_PIXELS: int = _setting(40_000_000, "most pixels in one decoded image, against decompression bombs (413)",
                                      whole(1))
     BODY_BUFFER_BYTES: int = _setting(64 * 1024 * 1024, "most request-body bytes a worker holds at once (read, "
@@ -328,7 +328,7 @@ class Settings:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
         """From ``environ`` (the process's environment by default), an empty variable counting as unset; an override
         (a string or a typed value) wins over both. Raises SettingsError."""
-        environ = os.environ if environ is None else environ
+        environ = _with_new_names(os.environ if environ is None else environ)
         values = {spec.name: environ[spec.name] for spec in fields(cls) if environ.get(spec.name, "") != ""}
         return cls(**{**values, **overrides})
 
@@ -370,10 +370,36 @@ class Settings:
         return problems
 
 
+# Settings renamed, old name → new: the old name still works for one release (0.2 drops it), with a warning at start.
+RENAMED = {"BATCH_IMAGES": "MAX_IMAGES_PER_INFERENCE", "MAX_BATCH_IMAGES": "MAX_IMAGES_PER_REQUEST",
+           "TIMEOUT": "WORKER_HEARTBEAT_TIMEOUT"}
+
+
+def _with_new_names(environ) -> dict[str, str]:
+    """``environ`` with each renamed setting under its new name; both names set to different values is an error."""
+    renamed = {new: environ[old] for old, new in RENAMED.items() if environ.get(old, "") != ""}
+    if not renamed:
+        return environ
+    clashes = [f"convserve: {old}={shlex.quote(environ[old])} and {new}={shlex.quote(environ[new])} are both set: "
+               f"{old} is the old name of {new}, so unset it" for old, new in RENAMED.items()
+               if environ.get(old, "") != "" and environ.get(new, "") not in ("", environ[old])]
+    if clashes:
+        raise SettingsError(clashes)
+    return {**environ, **renamed}
+
+
+def deprecation_warnings(environ: dict[str, str] | None = None) -> list[str]:
+    """A line for each setting given by its old name."""
+    environ = os.environ if environ is None else environ
+    return [f"convserve: {old} is deprecated and goes in the next release: it is {new} now (README "
+            f"\"Configuration\")" for old, new in RENAMED.items() if environ.get(old, "") != ""]
+
+
 # gunicorn options that these settings own. Given on gunicorn's command line or in GUNICORN_CMD_ARGS, they would win
 # over the config file without a word: --workers 4 with WORKERS=2 would also leave INFERENCE_THREADS sized for 2.
 GUNICORN_OPTIONS = {"-w": "WORKERS", "--workers": "WORKERS", "-b": "HOST and PORT", "--bind": "HOST and PORT",
-                    "-t": "TIMEOUT", "--timeout": "TIMEOUT", "--graceful-timeout": "GRACEFUL_TIMEOUT",
+                    "-t": "WORKER_HEARTBEAT_TIMEOUT", "--timeout": "WORKER_HEARTBEAT_TIMEOUT",
+                    "--graceful-timeout": "GRACEFUL_TIMEOUT",
                     "--keep-alive": "KEEPALIVE", "--worker-connections": "WORKER_CONNECTIONS",
                     "--log-level": "LOG_LEVEL", "--forwarded-allow-ips": "FORWARDED_ALLOW_IPS"}
 
@@ -471,7 +497,9 @@ def markdown_table() -> str:
         cells = [f"`{spec.name}`", _shown(spec), _code(spec.metadata["allowed"].words),
                  _code(spec.metadata["description"])]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(rows) + "\n"
+    renamed = ", ".join(f"`{old}` → `{new}`" for old, new in RENAMED.items())
+    return "\n".join(rows) + (f"\n\nRenamed in 0.1: {renamed}. The old names still work in this release, with a "
+                              "warning at start.\n")
 
 
 def readme_with_table(readme: str) -> str:
@@ -499,6 +527,8 @@ def main(argv: list[str]) -> int:
             settings = Settings.from_env()
         except SettingsError as exc:
             stop(exc.lines)
+        for warning in deprecation_warnings():
+            print(warning, file=sys.stderr)
         for spec in fields(settings):
             value = getattr(settings, spec.name)
             print(f"{spec.name}={'(set, not shown)' if spec.name == 'API_KEYS' and value else value}")

@@ -1,4 +1,4 @@
-"""The gunicorn worker convserve runs: gevent for connections, real threads for compute (service/scheduler.py).
+"""The gunicorn worker convserve runs: gevent for connections, real threads for compute (service/inference_queue.py).
 
 Why gevent: with sync workers, one worker per core, two idle sockets were an outage (both workers blocked in a read)
 and health probes queued behind inference. Here every connection is a greenlet: a slow or idle client costs a few kB
@@ -18,7 +18,7 @@ Differences from gunicorn's stock gevent worker:
   DRAIN_SECONDS, then the worker stops accepting (HTTP and gRPC) and finishes every request it accepted;
 - with GRPC_PORT, it also serves the Open Inference Protocol over gRPC (service/grpc_server.py) from the same
   models and inference queue;
-- when the inference watchdog trips (service/scheduler.py), the worker stops accepting, answers what it holds, and
+- when the inference watchdog trips (service/inference_queue.py), the worker stops accepting, answers what it holds, and
   exits with os._exit: a thread stuck inside ONNX Runtime cannot be stopped any other way. The master replaces it.
 """
 

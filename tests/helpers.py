@@ -96,7 +96,8 @@ def wait_for(url: str, status: int = 200, timeout: float = 60.0, process=None) -
 class GunicornServer:
     """The service as deployed: a real gunicorn master with its config file and worker processes."""
 
-    def __init__(self, tmp_path, gunicorn_args: tuple[str, ...] = (), grpc: bool = False, **settings):
+    def __init__(self, tmp_path, gunicorn_args: tuple[str, ...] = (), grpc: bool = False, code=None, **settings):
+        """``code``: the checkout whose service/ runs (this one by default; bench/compare.py runs an older one)."""
         import os
         import subprocess
         import sys
@@ -120,7 +121,7 @@ class GunicornServer:
         self._log = self.log_path.open("wb")
         command = [str(gunicorn), "-c", "python:service.gunicorn_config", *gunicorn_args]
         self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        cwd=Path(__file__).resolve().parent.parent)
+                                        cwd=code or Path(__file__).resolve().parent.parent)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until every worker is ready, not just the first to answer /readyz: a sibling still loading its models

@@ -222,7 +222,7 @@ def test_wrong_method(client):
 
 
 def test_limits_give_413(make_client):
-    client = make_client(MODEL_STORE=SHIPPED_STORE, MAX_UPLOAD_BYTES=20_000, MAX_BATCH_IMAGES=2,
+    client = make_client(MODEL_STORE=SHIPPED_STORE, MAX_UPLOAD_BYTES=20_000, MAX_IMAGES_PER_REQUEST=2,
                          MAX_IMAGE_PIXELS=100_000, DEFAULT_MODEL="lenet")
     big = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
     response = client.post("/v1/classify", data=encode(big, "PNG"), content_type="image/png")

@@ -120,3 +120,10 @@ def test_the_readme_map_names_every_module_and_only_modules_that_exist():
     for package in ("service/", "  api/", "  proto/", "  static/", "training/", "model_store/", "tests/", "bench/",
                     "deploy/"):
         assert f"\n{package}" in development_map(), f"README's development map misses {package.strip()}"
+
+
+def test_bench_and_tests_import_each_other_without_path_edits():
+    """`python -m bench` and pytest both run from the repository root, where `bench`, `service` and `tests` import."""
+    edits = [str(path.relative_to(ROOT)) for path in modules("bench", "tests", "service", "training")
+             if path != Path(__file__) and "sys.path.insert" in path.read_text()]
+    assert not edits, f"sys.path edited in {edits}"

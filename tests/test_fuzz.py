@@ -82,7 +82,7 @@ def test_the_server_keeps_its_document(server):
         "seed": SEED,
         "generation": {"max-examples": EXAMPLES, "mode": "all", "database": "none"},  # no replays: seeded alone
         "request-timeout": 60,
-        # A request over a documented limit (more images than MAX_BATCH_IMAGES) is refused with 413: a rejection.
+        # A request over a documented limit (more images than MAX_IMAGES_PER_REQUEST) is refused with 413: a rejection.
         "checks": {"negative_data_rejection": {"expected-statuses": [
             "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]}},
     })

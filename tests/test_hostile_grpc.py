@@ -84,7 +84,7 @@ CASES = {
     "more images than the shape": (infer(shape=(1,), raw=[element(image_bytes()) * 2]),
                                    grpc.StatusCode.INVALID_ARGUMENT, "Shape says 1"),
     "not an image": (infer(raw=[element(b"hello, not an image")]), grpc.StatusCode.INVALID_ARGUMENT, "image"),
-    "a batch over MAX_BATCH_IMAGES": (infer(shape=(10**9,), raw=[element(image_bytes())]),
+    "a batch over MAX_IMAGES_PER_REQUEST": (infer(shape=(10**9,), raw=[element(image_bytes())]),
                                       grpc.StatusCode.RESOURCE_EXHAUSTED, "Split the batch"),
     "a decompression bomb": (infer(raw=[element(bomb())]), grpc.StatusCode.RESOURCE_EXHAUSTED, "pixels"),
     "a message over MAX_UPLOAD_BYTES": (infer(raw=[b"\0" * (UPLOAD_LIMIT + 1)]), grpc.StatusCode.RESOURCE_EXHAUSTED,

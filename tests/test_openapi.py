@@ -56,7 +56,7 @@ def test_the_document_describes_the_running_server(document):
     assert parameters["InspectClass"]["schema"]["enum"] == ["dog", "cat", "boat", "bird"]
     images = document["components"]["requestBodies"]["Images"]["content"]  # the web page reads this list
     assert set(images) == IMAGE_MEDIA_TYPES | {"application/octet-stream", "multipart/form-data", "application/json"}
-    most = Settings.from_env({}).MAX_BATCH_IMAGES
+    most = Settings.from_env({}).MAX_IMAGES_PER_REQUEST
     assert images["application/json"]["schema"]["properties"]["images"]["maxItems"] == most
     one = document["components"]["requestBodies"]["Image"]["content"]
     assert one["application/json"]["schema"]["properties"]["images"]["maxItems"] == 1

@@ -90,18 +90,18 @@ BAD_VALUES = [
     ("VERIFY_MAX_PROBABILITY_DIFFERENCE", "half", "a number from 0 to 1"),
     ("WORKERS", "0", "a whole number >= 1"), ("WORKERS", "-2", ">= 1"), ("WORKERS", "two", ">= 1"),
     ("INFERENCE_THREADS", "-1", "a whole number >= 0 (0 = automatic)"),
-    ("MAX_QUEUE", "0", "a whole number >= 1"), ("BATCH_IMAGES", "0", ">= 1"),
+    ("MAX_QUEUE", "0", "a whole number >= 1"), ("MAX_IMAGES_PER_INFERENCE", "0", ">= 1"),
     ("QUEUE_TIMEOUT", "0", "a number of seconds > 0"), ("QUEUE_TIMEOUT", "nan", "> 0"), ("QUEUE_TIMEOUT", "inf", "> 0"),
     ("SHED_BACKOFF", "-0.5", "a number of seconds >= 0"),
     ("INFERENCE_WATCHDOG_SECONDS", "0", "a number of seconds > 0"), ("API_KEYS_REREAD_SECONDS", "-1", "> 0"),
     ("BODY_TIMEOUT", "0", "a number of seconds > 0"),
     ("KEEPALIVE", "0", "a whole number >= 1 (seconds)"), ("KEEPALIVE", "2.5", "whole number"),
     ("WORKER_CONNECTIONS", "0", ">= 1"),
-    ("TIMEOUT", "0", "a whole number >= 1 (seconds)"), ("GRACEFUL_TIMEOUT", "0", ">= 1"),
+    ("WORKER_HEARTBEAT_TIMEOUT", "0", "a whole number >= 1 (seconds)"), ("GRACEFUL_TIMEOUT", "0", ">= 1"),
     ("DRAIN_SECONDS", "-1", "a number of seconds >= 0"),
     ("DRAIN_SECONDS", "30", "less than GRACEFUL_TIMEOUT (30)"),
     ("MAX_UPLOAD_BYTES", "10MB", "a whole number >= 1"), ("MAX_UPLOAD_BYTES", "0", ">= 1"),
-    ("MAX_BATCH_IMAGES", "0", ">= 1"), ("MAX_IMAGE_PIXELS", "0", ">= 1"),
+    ("MAX_IMAGES_PER_REQUEST", "0", ">= 1"), ("MAX_IMAGE_PIXELS", "0", ">= 1"),
     ("BODY_BUFFER_BYTES", "0", ">= 1"), ("DECODE_BUDGET_BYTES", "-1", ">= 1"),
     ("ORT_INTRA_OP_THREADS", "0", "a whole number >= 1"),
     ("LOG_LEVEL", "verbose", "one of DEBUG, INFO, WARNING, ERROR"),
@@ -270,8 +270,7 @@ def test_markdown_puts_code_in_backticks():
 # ---- settings are made once per server, in the master, and passed down -------------------------------------------
 
 COUNTING_SITECUSTOMIZE = """
-import os, sys
-sys.path.insert(0, {root!r})
+import os
 from service import settings
 made = settings.Settings.__post_init__
 def counted(self):
@@ -289,8 +288,8 @@ def test_a_server_makes_its_settings_once_in_the_master(tmp_path):
     record = tmp_path / "settings-made"
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(COUNTING_SITECUSTOMIZE.format(root=str(ROOT), record=str(record)))
-    server = GunicornServer(tmp_path, PYTHONPATH=str(site), WORKERS=2, DRAIN_SECONDS="0.2")
+    (site / "sitecustomize.py").write_text(COUNTING_SITECUSTOMIZE.format(record=str(record)))
+    server = GunicornServer(tmp_path, PYTHONPATH=f"{site}:{ROOT}", WORKERS=2, DRAIN_SECONDS="0.2")
     try:
         server.wait_ready()
         assert requests.post(server.url + "/v1/classify", data=image_bytes(), headers={"Content-Type": "image/png"},
@@ -302,3 +301,30 @@ def test_a_server_makes_its_settings_once_in_the_master(tmp_path):
     assert server.process.returncode == 0, server.log()
     assert record.read_text().split() == [str(server.process.pid)], \
         f"settings made by {record.read_text().split()}; master {server.process.pid}, workers {sorted(workers)}"
+
+
+# ---- renamed settings: the old names work for one release, with a warning -----------------------------------------
+
+def test_an_old_setting_name_still_works_and_says_its_new_name():
+    from service.settings import RENAMED, deprecation_warnings
+
+    environ = {"BATCH_IMAGES": "4", "TIMEOUT": "40", "MAX_BATCH_IMAGES": "9"}
+    settings = Settings.from_env(environ)
+    assert (settings.MAX_IMAGES_PER_INFERENCE, settings.WORKER_HEARTBEAT_TIMEOUT, settings.MAX_IMAGES_PER_REQUEST) \
+        == (4, 40, 9)
+    assert deprecation_warnings(environ) == [
+        f'convserve: {old} is deprecated and goes in the next release: it is {new} now (README "Configuration")'
+        for old, new in RENAMED.items()]
+    assert Settings.from_env({"TIMEOUT": "40", "WORKER_HEARTBEAT_TIMEOUT": "40"}).WORKER_HEARTBEAT_TIMEOUT == 40
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"TIMEOUT": "40", "WORKER_HEARTBEAT_TIMEOUT": "20"})
+    assert raised.value.lines == ["convserve: TIMEOUT=40 and WORKER_HEARTBEAT_TIMEOUT=20 are both set: TIMEOUT is the "
+                                  "old name of WORKER_HEARTBEAT_TIMEOUT, so unset it"]
+
+
+def test_python_m_service_settings_warns_of_an_old_name():
+    result = start([sys.executable, "-m", "service.settings"], BATCH_IMAGES="4")
+    assert result.returncode == 0, result.stderr
+    assert "MAX_IMAGES_PER_INFERENCE=4" in result.stdout.splitlines()
+    assert result.stderr.splitlines() == ['convserve: BATCH_IMAGES is deprecated and goes in the next release: it is '
+                                          'MAX_IMAGES_PER_INFERENCE now (README "Configuration")']

@@ -1,4 +1,4 @@
-"""Export to ONNX, prove parity with PyTorch, and publish a new version into the model store.
+"""Export to ONNX, prove parity with PyTorch, and rename a new version into the model store.
 
 Two graphs are written:
 - ``model.onnx``: input ``input`` float32 [N,3,H,W] → ``probabilities`` (calibrated softmax in the graph),
@@ -220,7 +220,7 @@ def staging_folder(store: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=".staging-", dir=store / name))
 
 
-def publish(staging: Path, store: Path, name: str, version: int) -> Path:
+def rename_into_store(staging: Path, store: Path, name: str, version: int) -> Path:
     """Rename the staged folder to ``<store>/<name>/<version>``; refuses to overwrite an existing version."""
     target = store / name / str(version)
     staging.chmod(0o755)  # mkdtemp makes it private; a model store is read by other users (the container's)

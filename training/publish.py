@@ -29,7 +29,7 @@ from training.export import (
     environment,
     inspection_outputs,
     next_version,
-    publish,
+    rename_into_store,
     save_filters,
     split_heads,
     staging_folder,
@@ -227,7 +227,7 @@ def publish_model(model: nn.Module, tta_flip: bool, history: list[dict], release
                                                          indent=2) + "\n")
         metadata = build_metadata(staging, version, classifier, measured, quantization, parity, release)
         metadata.write(staging / "metadata.json")
-        return publish(staging, store, release.name, version), metadata
+        return rename_into_store(staging, store, release.name, version), metadata
     except BaseException:
         discard(staging)
         raise
@@ -301,7 +301,7 @@ def requantize(source: Path, release: Release, store: Path, progress=print) -> t
                 quantization)})})
         republished = ModelMetadata.model_validate(republished.model_dump())
         republished.write(staging / "metadata.json")
-        return publish(staging, store, metadata.name, version), republished
+        return rename_into_store(staging, store, metadata.name, version), republished
     except BaseException:
         discard(staging)
         raise

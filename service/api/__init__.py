@@ -28,9 +28,9 @@ from service.errors import (
     ServiceError,
     Unauthorized,
 )
+from service.inference_queue import gevent_active
 from service.logs import ACCESS_LOGGER
 from service.request_context import REQUEST_ID_HEADER
-from service.scheduler import gevent_active
 from service.settings import Settings
 
 log = logging.getLogger("convserve")
@@ -136,16 +136,16 @@ def _admit_and_read_body() -> None:
     (left to the server, it would be drained a kilobyte at a time)."""
     if request.method != "POST" or request.url_rule is None:
         return
-    app = state()
-    settings = app.settings
+    app_state = state()
+    settings = app_state.settings
     limit = settings.MAX_UPLOAD_BYTES
     g.body_unread = True
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(_too_large_message(limit))
     try:
         if request.endpoint in current_app.extensions[QUEUED_ENDPOINTS]:
-            app.pipeline.queue.admit()
-        g.held_bytes = app.pipeline.queue.hold_bytes(request.content_length or limit)
+            app_state.pipeline.queue.admit()
+        g.held_bytes = app_state.pipeline.queue.hold_bytes(request.content_length or limit)
     except Overloaded:
         _read_body(limit, settings.BODY_TIMEOUT, keep=False)
         raise

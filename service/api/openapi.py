@@ -55,7 +55,7 @@ STATUS_TEXT = {
          "send one.",
     404: "No such model, or no such version of it.",
     408: "The body did not arrive within BODY_TIMEOUT; the connection is closed.",
-    413: "Too large: the body (MAX_UPLOAD_BYTES), the number of images (MAX_BATCH_IMAGES), an image's pixels "
+    413: "Too large: the body (MAX_UPLOAD_BYTES), the number of images (MAX_IMAGES_PER_REQUEST), an image's pixels "
          "(MAX_IMAGE_PIXELS) or the decoding they need (DECODE_BUDGET_BYTES).",
     415: "The Content-Type is not one of those this operation takes.",
     414: "Answered by the HTTP server: the request line is longer than 4094 bytes.",
@@ -144,7 +144,7 @@ class _Facts:
                    tuple(dict.fromkeys(label for model in loaded for label in model.labels)),
                    tuple(sorted({model.input_name for model in loaded})),
                    tuple(sorted({tuple(model.input_shape[1:]) for model in loaded})),
-                   state.settings.MAX_BATCH_IMAGES, bool(state.api_keys.keys))
+                   state.settings.MAX_IMAGES_PER_REQUEST, bool(state.api_keys.keys))
 
 
 class _Builder:
@@ -257,7 +257,7 @@ class _Builder:
         from service.preprocessing import FORMAT_NAMES, IMAGE_MEDIA_TYPES
 
         raw = {"type": "string", "format": "image", "contentMediaType": "application/octet-stream"}
-        count = "One image" if most == 1 else f"One to {most} images (MAX_BATCH_IMAGES)"
+        count = "One image" if most == 1 else f"One to {most} images (MAX_IMAGES_PER_REQUEST)"
         content = {media: {"schema": raw} for media in [*sorted(IMAGE_MEDIA_TYPES), "application/octet-stream"]}
         image = raw if most == 1 else {"type": "array", "items": raw, "minItems": 1, "maxItems": most}
         parts = {"type": "object", "properties": {"image": image}, "required": ["image"],
@@ -286,7 +286,7 @@ class _Builder:
         fp32["properties"]["name"] = _one_of(facts.input_names)
         return {"required": True, "content": {"application/json": {"schema": request}}, "description": (
             "Exactly one input: FP32 `[N, 3, H, W]` (preprocessed) or BYTES `[N]` (encoded images), with N from 1 to "
-            f"{facts.max_images} (MAX_BATCH_IMAGES); `data` holds exactly as many values as the shape says.\n\n"
+            f"{facts.max_images} (MAX_IMAGES_PER_REQUEST); `data` holds exactly as many values as the shape says.\n\n"
             "**Binary tensor extension** (`binary_tensor_data`, as tritonclient.http sends it): the body is the "
             "JSON request followed by the tensor bytes, and the `Inference-Header-Content-Length` header gives the "
             "JSON's length; the input then has `parameters.binary_data_size` instead of `data`. FP32 is "
@@ -299,7 +299,7 @@ _PATH_PARAMETERS = {"name": "ModelName", "version": "ModelVersion"}
 _MODELS = tuple(getattr(schemas, name) for name in (
     "Error", "V2Error", "Liveness", "Unhealthy", "Readiness", "NotReadyStatus", "ClassifyResponse", "ImagesRequest",
     "InspectResponse", "FiltersResponse", "VersionDescription", "ModelDescription", "ModelList", "ServerMetadata",
-    "ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "InferenceResponse", "InferenceRequest",
+    "ServerLive", "ServerReady", "ModelReady", "ModelMetadataResponse", "InferenceResponse", "InferenceRequest",
     "ModelStatisticsList", "RepositoryIndexRequest", "RepositoryIndex", "RepositoryAnswer"))
 
 

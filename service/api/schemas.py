@@ -286,7 +286,7 @@ class InspectionStage(Body):
     shape: list[int]
 
 
-class Inspection(Body):
+class InspectionDescription(Body):
     """What /inspect shows: every stage in order, and whether class activation maps are available."""
 
     stages: list[InspectionStage]
@@ -309,7 +309,7 @@ class ModelDescription(Body):
     input: ModelInput = Field(None)
     outputs: list[ModelOutput] = Field(None)
     architecture: dict[str, Any] | None = Field(None, description="name, parameters, description, ...")
-    inspection: Inspection = Field(None)
+    inspection: InspectionDescription = Field(None)
 
 
 class ModelList(Body):
@@ -347,7 +347,7 @@ class TensorMetadata(Body):
     shape: list[Annotated[int, Field(ge=-1)]] = Field(description="-1 is a variable dimension (the batch).")
 
 
-class ModelMetadataParameters(Body):
+class ModelMetadataResponseParameters(Body):
     labels: list[str] = Field(description="The label of each column of `probabilities`.")
     alternative_input: TensorMetadata = Field(description="The other input: BYTES [-1], one encoded image each.")
     precision: Precision
@@ -355,13 +355,13 @@ class ModelMetadataParameters(Body):
     verification: VersionVerification | None = Field(description="The graph's checks on this machine.")
 
 
-class ModelMetadata(Body):
+class ModelMetadataResponse(Body):
     name: str
     versions: list[str] = Field(description="The loaded versions.")
     platform: Literal["onnxruntime_onnx"]
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
-    parameters: ModelMetadataParameters
+    parameters: ModelMetadataResponseParameters
 
 
 class OutputParameters(Body):

@@ -36,13 +36,13 @@ def _top_k() -> int | None:
             tags=["classify"], responses={200: ClassifyResponse}, errors=(400, 404, 413, 415, 503), body="Images",
             query=["TopK"], queued=True)
 def classify(name: str | None = None, version: str | None = None):
-    app = state()
+    app_state = state()
     top_k = _top_k()
-    model = app.registry.get(name, version)  # 404/503 before reading a large body
-    images = images_from_request(request, app.settings.MAX_BATCH_IMAGES)
+    model = app_state.registry.get(name, version)  # 404/503 before reading a large body
+    images = images_from_request(request, app_state.settings.MAX_IMAGES_PER_REQUEST)
     if top_k is not None:
         top_k = min(top_k, len(model.labels))
-    return reply(ClassifyResponse, app.pipeline.classify(model, images, top_k))
+    return reply(ClassifyResponse, app_state.pipeline.classify(model, images, top_k))
 
 
 @blueprint.post("/inspect")
@@ -55,12 +55,12 @@ def classify(name: str | None = None, version: str | None = None):
             errors=(400, 404, 413, 415, 503), body="Image", query=["InspectClass"],
             queued=True)
 def inspect(name: str | None = None, version: str | None = None):
-    app = state()
-    model = app.registry.get(name, version)
-    images = images_from_request(request, app.settings.MAX_BATCH_IMAGES)
+    app_state = state()
+    model = app_state.registry.get(name, version)
+    images = images_from_request(request, app_state.settings.MAX_IMAGES_PER_REQUEST)
     if len(images) != 1:
         raise InvalidParameter(f"inspect takes exactly one image; got {len(images)}.")
-    return reply(InspectResponse, app.pipeline.inspect(model, images[0], request.args.get("class")))
+    return reply(InspectResponse, app_state.pipeline.inspect(model, images[0], request.args.get("class")))
 
 
 @blueprint.get("/models/<name>/filters")
@@ -68,8 +68,8 @@ def inspect(name: str | None = None, version: str | None = None):
 @documented("First-layer filters", "The learned weights of the model's first convolution, as tiles in one PNG.",
             tags=["inspect"], responses={200: FiltersResponse}, errors=(404, 503))
 def filters(name: str, version: str | None = None):
-    app = state()
-    return reply(FiltersResponse, app.pipeline.filters(app.registry.get(name, version)))
+    app_state = state()
+    return reply(FiltersResponse, app_state.pipeline.filters(app_state.registry.get(name, version)))
 
 
 @blueprint.get("/models")

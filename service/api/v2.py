@@ -15,7 +15,7 @@ from service.api import encoded, reply, state
 from service.api.openapi import Reply, documented
 from service.api.schemas import (
     InferenceResponse,
-    ModelMetadata,
+    ModelMetadataResponse,
     ModelReady,
     ModelStatisticsList,
     RepositoryAnswer,
@@ -63,11 +63,11 @@ def ready():
 @blueprint.get("/models/<name>/versions/<version>")
 @documented("Model metadata", "Inputs, outputs, labels and loaded versions. The declared input is FP32 [-1, 3, H, W]; "
             "`parameters.alternative_input` is the BYTES [-1] input of encoded images.", tags=["inference"],
-            responses={200: ModelMetadata}, errors=(404, 503))
+            responses={200: ModelMetadataResponse}, errors=(404, 503))
 def model_metadata(name: str, version: str | None = None):
     registry = state().registry
     model = registry.get(name, version)
-    return reply(ModelMetadata, dict(
+    return reply(ModelMetadataResponse, dict(
         name=model.name,
         versions=registry.loaded_versions(model.name),
         platform="onnxruntime_onnx",
@@ -106,10 +106,10 @@ def model_ready(name: str, version: str | None = None):
                                  "schema": {"type": "integer", "minimum": 0}}})},
             errors=(400, 404, 413, 503), body="InferenceRequest", queued=True)
 def infer(name: str, version: str | None = None):
-    app = state()
-    model = app.registry.get(name, version)
+    app_state = state()
+    model = app_state.registry.get(name, version)
     header, binary = _split_body()
-    body, blobs = app.pipeline.infer(model, header, binary)
+    body, blobs = app_state.pipeline.infer(model, header, binary)
     if not blobs:
         return reply(InferenceResponse, body)
     json_part = encoded(InferenceResponse, body)

@@ -13,8 +13,9 @@ import pytest
 
 from service import metrics
 from service.errors import Overloaded
-from service.scheduler import InferenceQueue
+from service.inference_queue import InferenceQueue
 from service.settings import Settings, available_cpus
+from tests.helpers import wait_until
 
 SERVICE = Path(__file__).resolve().parent.parent / "service"
 
@@ -47,8 +48,7 @@ def enqueue(queue: InferenceQueue, submit) -> tuple[threading.Thread, list]:
 
     thread = threading.Thread(target=target)
     thread.start()
-    while len(queue.waiting) <= waiting_before:
-        time.sleep(0.001)
+    wait_until(lambda: len(queue.waiting) > waiting_before, "the job to wait in the queue", 10, 0.001)
     return thread, outcome
 
 
@@ -122,8 +122,7 @@ def test_a_full_queue_sheds_at_once_with_a_retryable_error():
     assert running.wait(5)
     second = threading.Thread(target=lambda: results.append(queue.run(lambda: "queued")))
     second.start()
-    while len(queue.waiting) < 1:
-        time.sleep(0.001)
+    wait_until(lambda: queue.waiting, "a job waiting in the queue", 10, 0.001)
     before = shed_count("queue_full")
     started = time.monotonic()
     with pytest.raises(Overloaded) as refused:
