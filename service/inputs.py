@@ -34,6 +34,16 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+BODY_ENVIRON_KEY = "convserve.body"  # the body as the HTTP layer read it (service/api/__init__.py)
+
+
+def request_body(request: Request) -> bytes:
+    """The request's body: the bytes the HTTP layer already read, not a copy (Werkzeug's get_data copies twice, and
+    a copy of a 10 MB body per request is what let many large bodies at once take a worker past its memory)."""
+    body = request.environ.get(BODY_ENVIRON_KEY)
+    return body if body is not None else request.get_data(cache=False)
+
+
 def images_from_request(request: Request, max_images: int) -> list[bytes]:
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
@@ -45,12 +55,12 @@ def images_from_request(request: Request, max_images: int) -> list[bytes]:
         if not images:
             raise EmptyBody("The multipart body has no file parts; send each image as a file part (-F image=@x.jpg).")
     elif mimetype == "application/json":
-        images = _images_from_json(request.get_data(cache=False))
+        images = _images_from_json(request_body(request))
     elif mimetype in IMAGE_MEDIA_TYPES or mimetype == "application/octet-stream":
-        images = [request.get_data(cache=False)]
+        images = [request_body(request)]
         if not images[0]:
             raise EmptyBody("The request body is empty; send the image bytes as the body.")
-    elif not mimetype and not request.get_data(cache=False):
+    elif not mimetype and not request_body(request):
         raise EmptyBody(f"The request body is empty; send an image as {ACCEPTED}.")
     else:
         raise UnsupportedMediaType(f"Content-Type {mimetype or '(none)'!r} is not supported; use {ACCEPTED}.")

@@ -21,7 +21,7 @@ from flask import Flask
 from pydantic import BaseModel
 
 import service
-from service import auth, compat, errors
+from service import auth, compat, contract, errors
 from service.api import schemas
 
 TAGS = {
@@ -129,6 +129,7 @@ class _Facts:
     names: tuple[str, ...]
     versions: tuple[str, ...]
     labels: tuple[str, ...]
+    label_counts: tuple[int, ...]
     input_names: tuple[str, ...]
     input_shapes: tuple[tuple[int, ...], ...]
     max_images: int
@@ -142,6 +143,7 @@ class _Facts:
         loaded = registry.loaded()
         return cls(tuple(names), tuple(sorted({v for name in names for v in registry.versions(name)})),
                    tuple(dict.fromkeys(label for model in loaded for label in model.labels)),
+                   tuple(sorted({len(model.labels) for model in loaded})),
                    tuple(sorted({model.input_name for model in loaded})),
                    tuple(sorted({tuple(model.input_shape[1:]) for model in loaded})),
                    state.settings.MAX_IMAGES_PER_REQUEST, bool(state.api_keys.keys))
@@ -284,6 +286,7 @@ class _Builder:
             tensor["properties"]["parameters"] = {"type": ["object", "null"], "properties": {
                 "binary_data_size": False}, "description": "Other parameters are ignored."}
         fp32["properties"]["name"] = _one_of(facts.input_names)
+        self._classification_on_its_output_only(request)
         return {"required": True, "content": {"application/json": {"schema": request}}, "description": (
             "Exactly one input: FP32 `[N, 3, H, W]` (preprocessed) or BYTES `[N]` (encoded images), with N from 1 to "
             f"{facts.max_images} (MAX_IMAGES_PER_REQUEST); `data` holds exactly as many values as the shape says.\n\n"
@@ -292,6 +295,20 @@ class _Builder:
             "JSON's length; the input then has `parameters.binary_data_size` instead of `data`. FP32 is "
             "little-endian float32; BYTES is, per image, a 4-byte little-endian length and the image bytes. "
             "The Content-Type is not read (tritonclient sends none).")}
+
+
+    def _classification_on_its_output_only(self, request: dict) -> None:
+        """The classification extension ranks one output, with k up to the served models' label count: the
+        server refuses anything else with a 400, so the document does too."""
+        requested = next(option["items"] for option in request["properties"]["outputs"]["anyOf"]
+                         if option.get("type") == "array")
+        parameters = next(option for option in requested["properties"]["parameters"]["anyOf"]
+                          if option.get("type") == "object")
+        if self.facts.label_counts:
+            parameters["properties"]["classification"]["maximum"] = min(self.facts.label_counts)
+        requested["if"] = {"required": ["parameters"],
+                           "properties": {"parameters": {"type": "object", "required": ["classification"]}}}
+        requested["then"] = {"properties": {"name": {"const": contract.CLASSIFIED_OUTPUT}}}
 
 
 _PATH_PARAMETERS = {"name": "ModelName", "version": "ModelVersion"}

@@ -25,7 +25,7 @@ from service.api.schemas import (
     ServerReady,
 )
 from service.errors import InvalidJSON, NotReady
-from service.inputs import parse_json
+from service.inputs import parse_json, request_body
 from service.oip import ENCODED_INPUT, EXTENSIONS, output_metadata
 from service.registry import describe_verification
 from service.statistics import model_statistics, versions_covered
@@ -136,7 +136,7 @@ def statistics(name: str | None = None, version: str | None = None):
             "or `{\"ready\": true}` for only what is ready.", tags=["repository"],
             responses={200: RepositoryIndex}, errors=(400,), body="RepositoryIndexRequest")
 def repository_index():
-    body = request.get_data(cache=False)
+    body = request_body(request)
     options = parse_json(body) if body else {}
     if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
         raise InvalidJSON('The body must be empty or a JSON object such as {"ready": true}.')
@@ -164,7 +164,7 @@ def repository_unload(name: str):
 
 
 def _split_body() -> tuple[dict, bytes]:
-    body = request.get_data(cache=False)
+    body = request_body(request)
     length = request.headers.get(HEADER_LENGTH)
     if length is not None:
         try:
