@@ -57,9 +57,9 @@ def checkout(rev: str, folder: Path) -> str:
     return commit
 
 
-def compare(rev: str, seconds: float, repeats: int, workers: int) -> dict:
+def compare(rev: str, seconds: float, repeats: int, workers: int, only: str = "") -> dict:
     work = Path(tempfile.mkdtemp(prefix="convserve-compare-"))
-    before_code = work / "before"
+    before_code = work / "before-code"
     commit = checkout(rev, before_code)
     wrk = Wrk(work)
     servers = {}
@@ -70,7 +70,7 @@ def compare(rev: str, seconds: float, repeats: int, workers: int) -> dict:
         for server in servers.values():
             server.wait_ready()
         results = []
-        for case in cases():
+        for case in (case for case in cases() if only in case["name"]):
             runs: dict[str, list[dict]] = {"before": [], "after": []}
             for repeat in range(repeats):
                 for side in (("before", "after") if repeat % 2 == 0 else ("after", "before")):
@@ -100,10 +100,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="per run (default 5)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side and case, alternating (default 3)")
     parser.add_argument("--workers", type=int, default=Settings().WORKERS, help="gunicorn workers on each side")
+    parser.add_argument("--only", default="", help="only the cases whose name contains this, e.g. \"lenet\"")
     parser.add_argument("--fail-below", type=float, default=None, help="exit 1 if a case's after/before is lower")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
-    report = compare(args.rev, args.seconds, args.repeats, args.workers)
+    report = compare(args.rev, args.seconds, args.repeats, args.workers, args.only)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compare-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
