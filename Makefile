@@ -10,7 +10,7 @@ PRESET     ?= default
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-image lint bench train image clean cluster cluster-roll proto
+.PHONY: help serve test test-image lint bench bench-compare train image clean cluster cluster-roll proto
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ lint: $(VENV)/.dev  ## ruff
 
 bench: $(VENV)/.dev  ## load-test the service as deployed; writes bench/results/*.json
 	$(BIN)/python -m bench
+
+bench-compare: $(VENV)/.dev  ## this checkout against REV (a commit), case by case, interleaved: after/before
+	@test -n "$(REV)" || { echo "usage: make bench-compare REV=<commit>" >&2; exit 2; }
+	$(BIN)/python -m bench.compare $(REV)
 
 train: $(VENV)/.dev  ## train the default model on DATA (+ EXTRA_DATA); PRESET=fast|lenet for others
 	$(BIN)/python -m training train --data $(DATA) --extra-data $(EXTRA_DATA) --preset $(PRESET)

@@ -38,7 +38,7 @@ from PIL import Image
 
 from bench.inprocess import in_process_worker
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients
-from bench.overhead import overhead_cases, tracing_cost
+from bench.overhead import answer_encoding, overhead_cases, tracing_cost
 from bench.protocols import compare, grpc_overload, run_rest
 from bench.soak import soak
 from service.model import OnnxModel
@@ -212,6 +212,7 @@ def overhead(work: Path, wrk: Wrk, store: Path, args) -> dict:
     finally:
         for server in servers.values():
             server.stop()
+    cases["answer_encoding_us"] = answer_encoding()
     png, content_type = bench_images()["32x32 PNG"]
     cases["tracing"] = tracing_cost(wrk, work, args.workers, args.model, png, content_type, args.seconds)
     return cases

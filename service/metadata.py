@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service import contract
-from service.preprocessing import RESIZE_RULE, InputSpec
+from service.preprocessing import InputSpec
 
 SCHEMA_VERSION = 2
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "model_store" / "metadata.schema.json"
@@ -30,29 +30,6 @@ class ForwardCompatible(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
-class Preprocessing(ForwardCompatible):
-    """How images become the input tensor; ``service.preprocessing`` is the one implementation."""
-
-    height: int = Field(ge=1)
-    width: int = Field(ge=1)
-    mean: tuple[float, float, float]
-    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
-    scale: float = Field(gt=0)
-    channel_order: Literal["RGB"] = "RGB"
-    layout: Literal["NCHW"] = "NCHW"
-    resize: str = RESIZE_RULE
-    alpha_background: tuple[int, int, int] = (255, 255, 255)
-
-    @classmethod
-    def of(cls, spec: InputSpec) -> Preprocessing:
-        return cls(**spec.to_metadata())
-
-    def spec(self) -> InputSpec:
-        return InputSpec(height=self.height, width=self.width, mean=self.mean, std=self.std, scale=self.scale,
-                         channel_order=self.channel_order, layout=self.layout, resize=self.resize,
-                         alpha_background=self.alpha_background)
-
-
 class TensorSpec(ForwardCompatible):
     name: str = Field(min_length=1)
     dtype: Literal["float32", "bool"]
@@ -61,7 +38,7 @@ class TensorSpec(ForwardCompatible):
 
 class InputTensor(TensorSpec):
     dtype: Literal["float32"] = "float32"
-    preprocessing: Preprocessing
+    preprocessing: InputSpec  # service/preprocessing.py: the one type, validated here as everywhere
 
     @model_validator(mode="after")
     def _shape_matches_preprocessing(self) -> InputTensor:

@@ -111,7 +111,7 @@ class OnnxModel:
         (an INT8 graph that fails gives way to FP32; an FP32 graph that fails fails the version), then warm up."""
         try:
             self.metadata = ModelMetadata.read(self.folder / "metadata.json")
-            self.spec = self.metadata.input.preprocessing.spec()
+            self.spec = self.metadata.input.preprocessing
             files = self.metadata.files
             checks = (VerificationSet.read(self._verified(files.verification).read_bytes())
                       if files.verification is not None else None)

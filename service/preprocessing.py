@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ImageTooLarge, InvalidImage
 
@@ -45,36 +46,33 @@ _DRAFT_OVERSAMPLE = 2
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model expects; written to and read from metadata.json under ``input.preprocessing``."""
+Positive = Annotated[float, Field(gt=0)]
 
-    height: int
-    width: int
+
+class InputSpec(BaseModel):
+    """What a model expects of an image: its size, scale and normalisation, and the resize rule. The one type for
+    it: training writes it to metadata.json under ``input.preprocessing``, service/metadata.py validates it there,
+    and service/preprocessing.py follows it. Fields a newer exporter may add are kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
     mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    scale: float = 1.0 / 255.0
-    channel_order: str = "RGB"
-    layout: str = "NCHW"
+    std: tuple[Positive, Positive, Positive]
+    scale: Positive = 1.0 / 255.0
+    channel_order: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
     resize: str = RESIZE_RULE
-    alpha_background: tuple[int, int, int] = field(default=(255, 255, 255))
+    alpha_background: tuple[int, int, int] = (255, 255, 255)
 
     @classmethod
     def from_metadata(cls, spec: dict) -> InputSpec:
-        return cls(
-            height=int(spec["height"]),
-            width=int(spec["width"]),
-            mean=tuple(float(v) for v in spec["mean"]),
-            std=tuple(float(v) for v in spec["std"]),
-            scale=float(spec.get("scale", 1.0 / 255.0)),
-            channel_order=spec.get("channel_order", "RGB"),
-            layout=spec.get("layout", "NCHW"),
-            resize=spec.get("resize", RESIZE_RULE),
-            alpha_background=tuple(spec.get("alpha_background", (255, 255, 255))),
-        )
+        """From metadata.json's (or GET /v1/models/{name}'s) ``input.preprocessing``; ValidationError if unfit."""
+        return cls.model_validate(spec)
 
     def to_metadata(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return self.model_dump(mode="json")
 
 
 def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:

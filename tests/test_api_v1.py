@@ -120,7 +120,7 @@ def test_api_answers_as_shared_preprocessing_and_onnx_runtime_do(client):
         metadata = ModelMetadata.read(folder / "metadata.json")
         graph = metadata.files.model_int8 if described["precision"] == "int8" else metadata.files.model
         session = ort.InferenceSession(str(folder / graph.path), providers=["CPUExecutionProvider"])
-        batch = np.stack([preprocess(photo, metadata.input.preprocessing.spec()) for photo in photos])
+        batch = np.stack([preprocess(photo, metadata.input.preprocessing) for photo in photos])
         (expected,) = session.run(["probabilities"], {metadata.input.name: batch})
         files = {f"f{i}": (io.BytesIO(p), f"{i}") for i, p in enumerate(photos)}
         served = client.post(f"/v1/models/{name}/classify", data=files, content_type="multipart/form-data")

@@ -127,3 +127,10 @@ def test_bench_and_tests_import_each_other_without_path_edits():
     edits = [str(path.relative_to(ROOT)) for path in modules("bench", "tests", "service", "training")
              if path != Path(__file__) and "sys.path.insert" in path.read_text()]
     assert not edits, f"sys.path edited in {edits}"
+
+
+def test_no_test_file_is_over_700_lines():
+    """A test file that grows past this is doing two jobs: split it by what it tests (as tests/test_deploy_*.py)."""
+    long = {str(path.relative_to(ROOT)): count for path in modules("tests")
+            if (count := len(path.read_text().splitlines())) > 700}
+    assert not long, f"split these: {long}"

@@ -67,7 +67,7 @@ def test_a_full_range_int8_graph_is_called_saturating(tmp_path):
 
     source = latest("lenet")
     checks = VerificationSet.read((source / "verification.npz").read_bytes())
-    spec = ModelMetadata.read(source / "metadata.json").input.preprocessing.spec()
+    spec = ModelMetadata.read(source / "metadata.json").input.preprocessing
     calibration = normalize(checks.images[:64], spec)
     full, seven_bit = tmp_path / "full.onnx", tmp_path / "seven.onnx"
     quantize.quantize(source / "model.onnx", full, calibration, quantize.Recipe("minmax"))

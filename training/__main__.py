@@ -167,7 +167,7 @@ def requantize_command(args: argparse.Namespace) -> int:
     from training.publish import Release, requantize
 
     metadata = ModelMetadata.read(args.model_dir / "metadata.json")
-    spec, labels, recorded = metadata.input.preprocessing.spec(), metadata.labels, metadata.data
+    spec, labels, recorded = metadata.input.preprocessing, metadata.labels, metadata.data
     seed, share = recorded["split_seed"], recorded["val_fraction"]
     train_part, val = data.split(data.load(args.data, tuple(labels), spec=spec), share, seed)
     other = None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from service import contract
-from service.metadata import Files, ModelMetadata, Preprocessing, Quantization, StoredFile
+from service.metadata import Files, ModelMetadata, Quantization, StoredFile
 from service.preprocessing import InputSpec
 from service.verification import Answers, VerificationSet, choose
 from training import calibration, quantize
@@ -156,7 +156,7 @@ def build_metadata(staging: Path, version: int, classifier: Classifier, measured
     return ModelMetadata(
         name=release.name, version=str(version), created_at=utc_now(), labels=labels,
         input={"name": contract.INPUT, "dtype": "float32", "shape": [-1, *input_shape],
-               "preprocessing": Preprocessing.of(spec)},
+               "preprocessing": spec},
         outputs=[{"name": contract.PROBABILITIES, "dtype": "float32", "shape": [-1, len(labels)]},
                  {"name": contract.DOMAIN_SCORE, "dtype": "float32", "shape": [-1]},
                  {"name": contract.IN_DOMAIN, "dtype": "bool", "shape": [-1]},
