@@ -17,8 +17,8 @@ import numpy as np
 
 from service import contract
 from service.errors import InvalidTensor
-from service.inputs import check_batch_size, decode_base64
 from service.model import Outputs
+from service.payload import check_batch_size, decode_base64
 
 DATATYPES = {"FP32": np.float32, "BYTES": object}
 # What server metadata announces, over REST and gRPC alike.

@@ -134,3 +134,29 @@ def test_no_test_file_is_over_700_lines():
     long = {str(path.relative_to(ROOT)): count for path in modules("tests")
             if (count := len(path.read_text().splitlines())) > 700}
     assert not long, f"split these: {long}"
+
+
+INFERENCE_PATH_AND_CORE = ["pipeline", "inference_queue", "oip", "registry", "model", "verification", "preprocessing",
+                           "visualize", "payload", "contract", "settings", "metadata", "errors", "metrics",
+                           "metrics_files", "request_context", "logs", "tracing"]
+WEB_LAYER = {"flask", "werkzeug", "flask_cors", "service.api", "service.inputs", "service.auth", "service.worker",
+             "gunicorn"}
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module a file imports, anywhere in it, by full dotted name (and each of its parents)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        found = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+            [node.module] + [f"{node.module}.{alias.name}" for alias in node.names] \
+            if isinstance(node, ast.ImportFrom) and node.module else []
+        for name in found:
+            parts = name.split(".")
+            names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return names
+
+
+@pytest.mark.parametrize("module", INFERENCE_PATH_AND_CORE)
+def test_the_inference_path_and_the_core_import_nothing_of_the_web_layer(module):
+    """So they run, and are tested, without Flask: the layers import downwards only."""
+    assert not imported_names(SERVICE / f"{module}.py") & WEB_LAYER, f"service/{module}.py imports the web layer"

@@ -25,8 +25,9 @@ from service.api.schemas import (
     ServerReady,
 )
 from service.errors import InvalidJSON, NotReady
-from service.inputs import parse_json, request_body
+from service.inputs import request_body
 from service.oip import ENCODED_INPUT, EXTENSIONS, output_metadata
+from service.payload import parse_json
 from service.registry import describe_verification
 from service.statistics import model_statistics, versions_covered
 
