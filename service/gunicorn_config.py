@@ -37,9 +37,12 @@ def start_checks() -> Settings:
         print(warning, file=sys.stderr)
     try:
         load_keys(settings)
+    except KeyFileError as exc:
+        stop([f"convserve: {exc}"])
+    try:
         compat.check()
-    except (KeyFileError, compat.MissingInternal) as exc:
-        stop([str(exc) if str(exc).startswith("convserve: ") else f"convserve: {exc}"])
+    except compat.MissingInternal as exc:
+        stop([str(exc)])  # the line names the internal and the package version
     if settings.GRPC_PORT and (problem := _port_taken(settings.HOST, settings.GRPC_PORT)):
         stop([f"convserve: GRPC_PORT={settings.GRPC_PORT} is not free on {settings.HOST} ({problem}): set another "
               "port, or GRPC_PORT=0 for no gRPC"])

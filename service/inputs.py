@@ -14,12 +14,6 @@ from service.payload import check_batch_size, decode_base64, parse_json
 from service.preprocessing import IMAGE_FORMATS, IMAGE_MEDIA_TYPES
 
 ACCEPTED = ", ".join(types[0] for types, _ in IMAGE_FORMATS.values()) + ", multipart/form-data or application/json"
-
-
-
-
-
-
 BODY_ENVIRON_KEY = "convserve.body"  # the body as the HTTP layer read it (service/api/__init__.py)
 
 
@@ -52,8 +46,6 @@ def images_from_request(request: Request, max_images: int) -> list[bytes]:
         raise UnsupportedMediaType(f"Content-Type {mimetype or '(none)'!r} is not supported; use {ACCEPTED}.")
     check_batch_size(len(images), max_images)
     return images
-
-
 
 
 def _images_from_json(body: bytes) -> list[bytes]:

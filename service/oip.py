@@ -28,7 +28,6 @@ ENCODED_INPUT = "image"  # the BYTES input: not in the ONNX graph, so its name i
 # overflowed the shipped networks to NaN.
 FP32_LIMIT = 1e6
 OUTPUTS = {output.name: output for output in contract.OUTPUTS}
-CLASSIFIED_OUTPUT = contract.CLASSIFIED_OUTPUT
 
 
 def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.ndarray | list[bytes]:
@@ -100,8 +99,8 @@ def requested_outputs(request: dict, model) -> list[RequestedOutput]:
         settings = parameters(output)
         count = settings.get("classification")
         if count is not None:
-            if output["name"] != CLASSIFIED_OUTPUT:
-                raise InvalidTensor(f"The classification extension applies to {CLASSIFIED_OUTPUT!r} only.")
+            if output["name"] != contract.CLASSIFIED_OUTPUT:
+                raise InvalidTensor(f"The classification extension applies to {contract.CLASSIFIED_OUTPUT!r} only.")
             if not _whole(count) or not 1 <= count <= len(model.labels):
                 raise InvalidTensor(f"classification must be a whole number from 1 to {len(model.labels)} (the "
                                     f"labels of {model.name}); got {count!r}.")
@@ -117,8 +116,8 @@ def response(request: dict, model, answers: Outputs, plan: list[RequestedOutput]
         if output.classification is not None:
             datatype, value = "BYTES", classified(answers.probabilities, model.labels, output.classification)
         else:
-            datatype = OUTPUTS[output.name].datatype
-            value = np.asarray(getattr(answers, output.name)).astype(OUTPUTS[output.name].numpy_dtype)
+            spec = OUTPUTS[output.name]
+            datatype, value = spec.datatype, np.asarray(getattr(answers, output.name)).astype(spec.numpy_dtype)
         described = {"name": output.name, "datatype": datatype, "shape": list(value.shape)}
         if output.binary:
             blob = bytes_tensor(value.ravel()) if datatype == "BYTES" else np.ascontiguousarray(value).tobytes()

@@ -136,8 +136,8 @@ class ServingWorker(GeventWorker):
 
 # glibc's malloc serves a block this large or larger with its own mmap, returned to the system when freed. Left to
 # itself, it raises that threshold to the largest block freed so far (a 10 MB body), then serves such blocks from the
-# heap, where they fragment: a worker's RSS rose by ~100 MB per flood of 10 MB bodies and stayed. Fixed at 1 MiB, the
-# same floods leave it where it was (tests/test_hostile.py).
+# heap, where they fragment and stay: one of the three reasons a worker's peak grew flood after flood of 10 MB bodies
+# (the others: service/api/__init__.py's teardown, service/inputs.py's request_body; tests/test_hostile.py).
 MMAP_THRESHOLD_BYTES = 1 << 20
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from <malloc.h>
 
