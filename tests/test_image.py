@@ -194,8 +194,8 @@ def server(image, container, tmp_path_factory):
                 if requests.get(f"{running.url}/readyz", timeout=2).status_code == 200 and \
                         scrape(running).get(("convserve_ready", ())) == 1.0:
                     break
-            except requests.ConnectionError:
-                pass
+            except requests.RequestException:
+                pass  # refused, or accepted into the backlog while no worker has booted yet (a read timeout)
             assert time.monotonic() < deadline, f"not ready in {READY_TIMEOUT_S}s:\n{running.log()[-4000:]}"
             time.sleep(0.5)
         running.ready_seconds = round(time.monotonic() - started, 2)
