@@ -15,6 +15,7 @@ from service.preprocessing import IMAGE_FORMATS, IMAGE_MEDIA_TYPES
 
 ACCEPTED = ", ".join(types[0] for types, _ in IMAGE_FORMATS.values()) + ", multipart/form-data or application/json"
 BODY_ENVIRON_KEY = "convserve.body"  # the body as the HTTP layer read it (service/api/__init__.py)
+RAW_IMAGE_TYPES = IMAGE_MEDIA_TYPES | {"application/octet-stream"}  # a body that is one encoded image
 
 
 def request_body(request: Request) -> bytes:
@@ -36,16 +37,20 @@ def images_from_request(request: Request, max_images: int) -> list[bytes]:
             raise EmptyBody("The multipart body has no file parts; send each image as a file part (-F image=@x.jpg).")
     elif mimetype == "application/json":
         images = _images_from_json(request_body(request))
-    elif mimetype in IMAGE_MEDIA_TYPES or mimetype == "application/octet-stream":
-        images = [request_body(request)]
-        if not images[0]:
-            raise EmptyBody("The request body is empty; send the image bytes as the body.")
+    elif mimetype in RAW_IMAGE_TYPES:
+        images = raw_image(request_body(request))
     elif not mimetype and not request_body(request):
         raise EmptyBody(f"The request body is empty; send an image as {ACCEPTED}.")
     else:
         raise UnsupportedMediaType(f"Content-Type {mimetype or '(none)'!r} is not supported; use {ACCEPTED}.")
     check_batch_size(len(images), max_images)
     return images
+
+
+def raw_image(body: bytes) -> list[bytes]:
+    if not body:
+        raise EmptyBody("The request body is empty; send the image bytes as the body.")
+    return [body]
 
 
 def _images_from_json(body: bytes) -> list[bytes]:

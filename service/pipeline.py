@@ -44,8 +44,9 @@ class InferencePipeline:
             return {"model": model.name, "version": model.version, "precision": model.precision,
                     "predictions": predictions(model.labels, outputs, top_k)}
 
-        return self._inference(model, lambda: self.preprocess(model, images), answer, len(images),
-                               inline=self._small(model, images))
+        opened = self._opened_if_small(model, images)
+        return self._inference(model, lambda: self.preprocess(model, images, opened), answer, len(images),
+                               inline=opened is not None)
 
     def inspect(self, model: OnnxModel, image: bytes, class_label: str | None) -> dict:
         return self.queue.run(self._inspect, model, image, class_label)
@@ -70,23 +71,24 @@ class InferencePipeline:
                                patience)
 
     # batched inference ---------------------------------------------------------------------------------------------
-    def _small(self, model: OnnxModel, images: list[bytes]) -> bool:
-        """Whether decoding and running these images costs less than handing them to a thread: small encoded
-        images (read from their headers alone), through a graph whose cost is fixed by its input shape, at the
-        speed measured at load, while this worker serves no other request (under concurrency the thread wins:
-        requests that wait together share one ONNX Runtime call). Such work may run on the event loop
-        (service/inference_queue.py)."""
+    def _opened_if_small(self, model: OnnxModel, images: list[bytes]) -> list | None:
+        """The images, opened (header only), when decoding and running them costs less than handing them to a
+        thread: small encoded images (read from their headers alone), through a graph whose cost is fixed by its
+        input shape, at the speed measured at load, while this worker serves no other request (under concurrency
+        the thread wins: requests that wait together share one ONNX Runtime call). Such work may run on the event
+        loop (service/inference_queue.py). Otherwise None."""
         budget = self.settings.INLINE_WORK_SECONDS
         if not budget or not model.fixed_cost or model.image_seconds * len(images) > budget:
-            return False
+            return None
         if not request_context.alone():  # other clients: a thread lets their requests be read and batch with it
-            return False
+            return None
         if sum(len(data) for data in images) > INLINE_MAX_BYTES * len(images):
-            return False
+            return None
         try:
-            return all(_pixels(open_image(data)) <= INLINE_MAX_PIXELS for data in images)
+            opened = [open_image(data, self.settings.MAX_IMAGE_PIXELS) for data in images]
         except ServiceError:  # not an image: the thread's decode answers it, as for any other request
-            return False
+            return None
+        return opened if all(_pixels(image) <= INLINE_MAX_PIXELS for image in opened) else None
 
     def _inference(self, model: OnnxModel, prepare: Callable[[], np.ndarray], answer: Callable[[Outputs], Any],
                    images: int, patience: float | None = None, inline: bool = False):
@@ -168,21 +170,22 @@ class InferencePipeline:
         series.images.inc(images)
         series.last_inference.set(time.time())
 
-    def preprocess(self, model: OnnxModel, images: list[bytes]) -> np.ndarray:
-        """Every image's header is read and the request's decoding cost checked (DECODE_BUDGET_BYTES) before any
-        pixel is decoded; then each is decoded, reduced to the input size and dropped, one at a time."""
+    def preprocess(self, model: OnnxModel, images: list[bytes], opened: list | None = None) -> np.ndarray:
+        """Every image's header is read (``opened``: already, by open_image) and the request's decoding cost
+        checked (DECODE_BUDGET_BYTES) before any pixel is decoded; then each is decoded, reduced to the input size
+        and dropped, one at a time."""
         started = time.perf_counter()
         count = len(images)
-        opened = [self._each(index, count, open_for, data, model.spec, self.settings.MAX_IMAGE_PIXELS)
-                  for index, data in enumerate(images)]
+        opened = [self._each(index, count, open_for, data, model.spec, self.settings.MAX_IMAGE_PIXELS, image)
+                  for index, (data, image) in enumerate(zip(images, opened or [None] * count))]
         needed = sum(decoded_bytes(image) for image in opened)
         if needed > self.settings.DECODE_BUDGET_BYTES:
             raise DecodeBudgetExceeded(
                 f"Decoding {'these images' if count > 1 else 'this image'} would take {needed / 2**20:.0f} MiB; "
                 f"the limit per request is {self.settings.DECODE_BUDGET_BYTES / 2**20:.0f} MiB "
                 "(DECODE_BUDGET_BYTES). Send smaller images, or fewer per request.")
-        decoded = np.stack([self._each(index, count, decode_opened, image, model.spec)
-                            for index, image in enumerate(opened)])
+        pictures = [self._each(index, count, decode_opened, image, model.spec) for index, image in enumerate(opened)]
+        decoded = pictures[0][None] if count == 1 else np.stack(pictures)  # np.stack costs 10 us for one
         batch = normalize(decoded, model.spec)
         metrics.version_series(model.name, model.version).preprocess.observe(time.perf_counter() - started)
         return batch

@@ -99,9 +99,11 @@ def decode(data: bytes, spec: InputSpec, max_pixels: int | None = None) -> np.nd
     return decode_opened(open_for(data, spec, max_pixels), spec)
 
 
-def open_for(data: bytes, spec: InputSpec, max_pixels: int | None = None) -> Image.Image:
-    """Open (header only) and set JPEG's reduced-scale decoding: ``decoded_bytes`` then says what decoding costs."""
-    image = open_image(data, max_pixels)
+def open_for(data: bytes, spec: InputSpec, max_pixels: int | None = None,
+             opened: Image.Image | None = None) -> Image.Image:
+    """Open (header only) and set JPEG's reduced-scale decoding: ``decoded_bytes`` then says what decoding costs.
+    ``opened``: these bytes as ``open_image(data, max_pixels)`` already opened them, not yet decoded."""
+    image = opened if opened is not None else open_image(data, max_pixels)
     try:
         _draft(image, spec)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -39,6 +39,11 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 QUEUED_ENDPOINTS = "convserve.queued_endpoints"  # app.extensions key: views declared queued=True (openapi.documented)
 BODY_DISCARD_CHUNK = 256 * 1024
+# Per request, in its WSGI environ (the Flask hooks and the hot route share them): bytes of BODY_BUFFER_BYTES held
+# for its body, and whether its body is still unread (a 408 or 413 then closes the connection).
+HELD_BYTES_KEY, BODY_UNREAD_KEY = "convserve.held_bytes", "convserve.body_unread"
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
+INTERNAL_MESSAGE = "Internal error; the server log has the details."
 # Probes and scrapes stay out of the request metrics.
 UNMETERED_ROUTES = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 METERED_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
@@ -84,6 +89,10 @@ def register_api(app: Flask, settings: Settings) -> None:
             CORS(app, origins=settings.cors_origins, vary_header=True,
                  expose_headers=["Inference-Header-Content-Length"])
             app.after_request(_vary_on_origin)
+    else:  # with CORS, Flask serves every request: its extension writes the CORS headers
+        from service.api.hot import HotRoute
+
+        app.wsgi_app = HotRoute(app, app.wsgi_app)
 
 
 def reply(model: type[BaseModel], body, status: int = 200) -> Response:
@@ -101,26 +110,39 @@ def encoded(model: type[BaseModel], body) -> bytes:
     return document
 
 
+def error_document(path: str, code: str, message: str) -> bytes:
+    if path.startswith("/v2"):
+        return encoded(schemas.V2Error, {"error": message})  # the Open Inference Protocol's error shape
+    return encoded(schemas.Error, {"error": {"code": code, "message": message}})
+
+
 def error_response(status: int, code: str, message: str):
-    if request.path.startswith("/v2"):
-        return reply(schemas.V2Error, {"error": message}, status)  # the Open Inference Protocol's error shape
-    return reply(schemas.Error, {"error": {"code": code, "message": message}}, status)
+    return Response(error_document(request.path, code, message), status=status, mimetype="application/json")
 
 
-def _service_error(error: ServiceError):
-    log.info("%s %s → %d %s: %s", request.method, request.path, error.status, error.code, error.message)
-    response = error_response(error.status, error.code, error.message)
+def error_headers(error: ServiceError, method: str, path: str, environ: dict, settings: Settings) -> list:
+    """Logs a typed error's answer and gives the headers it carries beyond its body; a shed request's reason goes
+    to its context and its back-off to the worker (service/worker.py)."""
+    log.info("%s %s → %d %s: %s", method, path, error.status, error.code, error.message)
+    headers = []
     if isinstance(error, Unauthorized):
-        response.headers["WWW-Authenticate"] = 'Bearer realm="convserve"'
+        headers.append(("WWW-Authenticate", 'Bearer realm="convserve"'))
     if error.retry_after is not None:
-        response.headers["Retry-After"] = str(error.retry_after)
+        headers.append(("Retry-After", str(error.retry_after)))
     if isinstance(error, Overloaded):
         if (context := request_context.current()) is not None:
             context.shed_reason = error.reason
         if error.reason == contract.QUEUE_FULL:
-            request.environ[BACKOFF_ENVIRON_KEY] = state().settings.SHED_BACKOFF
-    if isinstance(error, (RequestTimeout, PayloadTooLarge)) and g.get("body_unread"):
-        response.headers["Connection"] = "close"  # the rest of the body is still on its way: don't read it
+            environ[BACKOFF_ENVIRON_KEY] = settings.SHED_BACKOFF
+    if isinstance(error, (RequestTimeout, PayloadTooLarge)) and environ.get(BODY_UNREAD_KEY):
+        headers.append(("Connection", "close"))  # the rest of the body is still on its way: don't read it
+    return headers
+
+
+def _service_error(error: ServiceError):
+    response = error_response(error.status, error.code, error.message)
+    for name, value in error_headers(error, request.method, request.path, request.environ, state().settings):
+        response.headers[name] = value
     return response
 
 
@@ -130,35 +152,48 @@ def _authorize() -> None:
 
 
 def _admit_and_read_body() -> None:
-    """Read the whole body before any view runs, bounded in size (MAX_UPLOAD_BYTES, whatever the transfer
-    encoding), time (BODY_TIMEOUT) and memory (BODY_BUFFER_BYTES for all the bodies a worker holds), so a view never
-    waits on a client. A request that cannot be taken (queue full, or bodies would take too much memory) is refused
-    before anything but that read; its body is read and dropped in large pieces, so the connection stays usable
-    (left to the server, it would be drained a kilobyte at a time)."""
     if request.method != "POST" or request.url_rule is None:
         return
-    app_state = state()
-    settings = app_state.settings
-    limit = settings.MAX_UPLOAD_BYTES
-    g.body_unread = True
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(_too_large_message(limit))
-    try:
-        if request.endpoint in current_app.extensions[QUEUED_ENDPOINTS]:
-            app_state.pipeline.queue.admit()
-        g.held_bytes = app_state.pipeline.queue.hold_bytes(request.content_length or limit)
-    except Overloaded:
-        _read_body(limit, settings.BODY_TIMEOUT, keep=False)
-        raise
-    began = time.perf_counter()
-    body = _read_body(limit, settings.BODY_TIMEOUT, keep=True)
-    g.context.add("read_body", time.perf_counter() - began, began)
+    queued = request.endpoint in current_app.extensions[QUEUED_ENDPOINTS]
+    body = admit_and_read_body(state(), request.environ, request.content_length, queued, g.context)
     request.environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), BODY_ENVIRON_KEY: body})
     request.environ.pop("HTTP_TRANSFER_ENCODING", None)
 
 
-def _read_body(limit: int, timeout: float, keep: bool) -> bytes:
-    stream, kept, size = request.environ["wsgi.input"], [], 0
+def admit_and_read_body(app_state, environ: dict, content_length: int | None, queued: bool,
+                        context: request_context.RequestContext) -> bytes:
+    """Read the whole body before any view runs, bounded in size (MAX_UPLOAD_BYTES, whatever the transfer
+    encoding), time (BODY_TIMEOUT) and memory (BODY_BUFFER_BYTES for all the bodies a worker holds), so a view never
+    waits on a client. A request that cannot be taken (``queued`` for inference and the queue full, or bodies
+    would take too much memory) is refused before anything but that read; its body is read and dropped in large
+    pieces, so the connection stays usable (left to the server, it would be drained a kilobyte at a time). The
+    bytes held are released by ``release_body``."""
+    settings = app_state.settings
+    limit = settings.MAX_UPLOAD_BYTES
+    environ[BODY_UNREAD_KEY] = True
+    if content_length is not None and content_length > limit:
+        raise PayloadTooLarge(_too_large_message(limit))
+    try:
+        if queued:
+            app_state.pipeline.queue.admit()
+        environ[HELD_BYTES_KEY] = app_state.pipeline.queue.hold_bytes(content_length or limit)
+    except Overloaded:
+        _read_body(environ, limit, settings.BODY_TIMEOUT, keep=False)
+        raise
+    began = time.perf_counter()
+    body = _read_body(environ, limit, settings.BODY_TIMEOUT, keep=True)
+    context.add("read_body", time.perf_counter() - began, began)
+    return body
+
+
+def release_body(app_state, environ: dict) -> None:
+    environ.pop(BODY_ENVIRON_KEY, None)
+    if held := environ.pop(HELD_BYTES_KEY, 0):
+        app_state.pipeline.queue.release_bytes(held)
+
+
+def _read_body(environ: dict, limit: int, timeout: float, keep: bool) -> bytes:
+    stream, kept, size = environ["wsgi.input"], [], 0
     with _deadline(timeout):
         try:
             while chunk := stream.read(limit + 1 if keep else BODY_DISCARD_CHUNK):
@@ -173,7 +208,7 @@ def _read_body(limit: int, timeout: float, keep: bool) -> bytes:
             # (gevent.Timeout is a BaseException: it passes through to _deadline)
             raise BadRequest(f"The request body could not be read ({type(exc).__name__}): check its "
                              "Content-Length or chunked encoding.") from exc
-    g.body_unread = False
+    environ[BODY_UNREAD_KEY] = False
     return b"".join(kept)
 
 
@@ -223,7 +258,7 @@ def _http_error(error: HTTPException):
 
 def _unexpected_error(error: Exception):
     log.exception("unhandled error on %s %s", request.method, request.path)
-    return error_response(500, "internal", "Internal error; the server log has the details.")
+    return error_response(500, "internal", INTERNAL_MESSAGE)
 
 
 def _route() -> str:
@@ -237,53 +272,55 @@ def _start_timer() -> None:
         g.metered = True
 
 
-def _method() -> str:
-    """The method as a metric label: from a closed set, so clients cannot grow the metrics with made-up names."""
-    return request.method if request.method in METERED_METHODS else "other"
-
-
 def _record_request(response):
-    """Every answer gets the request's ID and its Server-Timing; then its metrics and its access line."""
-    context: request_context.RequestContext = g.context
+    headers = finish_request(state(), g.context, request.method, _route(), request.path, response.status_code,
+                             response.content_length, request.remote_addr, request.headers)
+    for name, value in headers:
+        response.headers[name] = value
+    return response
+
+
+def finish_request(app_state, context: request_context.RequestContext, method: str, route: str, path: str,
+                   status: int, size: int | None, remote: str | None, request_headers) -> list:
+    """Every answer gets the request's ID and its Server-Timing (the headers returned); then its metrics, its span
+    and its access line."""
     total = context.elapsed()
-    response.headers[REQUEST_ID_HEADER] = context.id
-    response.headers["Server-Timing"] = context.server_timing(total)
-    route = _route()
-    if route not in UNMETERED_ROUTES:
-        metrics.REQUESTS.labels(route, _method(), str(response.status_code), "http").inc()
-        metrics.REQUEST_LATENCY.labels(route, _method(), "http").observe(total)
+    metered = route not in UNMETERED_ROUTES
+    if metered:
+        label = method if method in METERED_METHODS else "other"  # a closed set: clients cannot grow the metrics
+        metrics.REQUESTS.labels(route, label, str(status), "http").inc()
+        metrics.REQUEST_LATENCY.labels(route, label, "http").observe(total)
         if context.model is not None:
             stages = metrics.version_series(context.model, context.version).stages
             for stage in metrics.REQUEST_STAGES:
                 if stage in context.stages:
                     stages[stage].observe(context.stages[stage])
-    tracing = state().tracing
-    if tracing.enabled and route not in UNMETERED_ROUTES:  # probes and scrapes would drown the traces
-        status = response.status_code
-        tracing.record(context, request.headers, f"{request.method[:16]} {route}", {
-            "http.request.method": request.method[:16], "http.route": route, "url.path": request.path[:200],
+    tracing = app_state.tracing
+    if tracing.enabled and metered:  # probes and scrapes would drown the traces
+        tracing.record(context, request_headers, f"{method[:16]} {route}", {
+            "http.request.method": method[:16], "http.route": route, "url.path": path[:200],
             "http.response.status_code": status}, status >= 500, time.perf_counter())
     if access_log.isEnabledFor(logging.INFO):
-        _log_access(context, response, total)
-    return response
+        _log_access(context, remote, method, path, status, size, total)
+    return [(REQUEST_ID_HEADER, context.id), ("Server-Timing", context.server_timing(total))]
 
 
 def _spaced(words: str) -> str:
     return f" {words}" if words else ""
 
 
-def _log_access(context: request_context.RequestContext, response, total: float) -> None:
-    path = request.path if len(request.path) <= 200 and request.path.isprintable() else ascii(request.path[:200])
-    size = response.content_length
-    access_log.info("%s %s %s %d %sB %.2fms%s", request.remote_addr, request.method[:16], path,
-                    response.status_code, size if size is not None else "-", total * 1000, _spaced(context.summary()),
-                    extra={"request_id": context.id, "protocol": "http", "method": request.method[:16],
-                           "path": path, "status": response.status_code, "bytes": size,
-                           "total_ms": round(total * 1000, 3), "remote": request.remote_addr, **context.fields()})
+def _log_access(context: request_context.RequestContext, remote: str | None, method: str, path: str, status: int,
+                size: int | None, total: float) -> None:
+    path = path if len(path) <= 200 and path.isprintable() else ascii(path[:200])
+    access_log.info("%s %s %s %d %sB %.2fms%s", remote, method[:16], path, status, size if size is not None else "-",
+                    total * 1000, _spaced(context.summary()),
+                    extra={"request_id": context.id, "protocol": "http", "method": method[:16], "path": path,
+                           "status": status, "bytes": size, "total_ms": round(total * 1000, 3), "remote": remote,
+                           **context.fields()})
 
 
 def _security_headers(response):
-    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers[NOSNIFF[0]] = NOSNIFF[1]
     if response.mimetype == "text/html":
         # The page loads only its own files; an image URL the user pastes is fetched by the browser (connect-src).
         response.headers["Content-Security-Policy"] = (
@@ -307,9 +344,6 @@ def _leave(exc) -> None:
     # held each request's body (and parsed files) long after it was answered, 30 bodies of 10 MB in a worker under
     # a flood of large ones. Broken here, the request goes when its context does, and the body with it.
     request.environ.pop("werkzeug.request", None)
-    request.environ.pop(BODY_ENVIRON_KEY, None)
     if g.pop("metered", False):
         metrics.IN_FLIGHT.dec()
-    held = g.pop("held_bytes", 0)
-    if held:
-        state().pipeline.queue.release_bytes(held)
+    release_body(state(), request.environ)
