@@ -127,6 +127,13 @@ def test_only_simple_classify_requests_take_the_hot_route(app):
     assert {name for name, count in flask_ran.items() if not count} == {"raw image", "raw image, default model"}
 
 
+def test_a_content_length_that_is_not_ascii_digits_is_left_to_flask(app):
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": CLASSIFY, "CONTENT_LENGTH": "\u00b2",
+               "CONTENT_TYPE": "image/jpeg"}
+    assert app.wsgi_app._match(environ) is None
+    assert app.wsgi_app._match({**environ, "CONTENT_LENGTH": "2"}) == ("/v1/models/<name>/classify", {"name": "lenet"})
+
+
 def test_with_cors_every_request_is_flasks(make_client):
     client = make_client(MODEL_STORE=SHIPPED_STORE, CORS_ORIGINS="https://example.org")
     assert not isinstance(client.application.wsgi_app, HotRoute)

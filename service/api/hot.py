@@ -64,7 +64,8 @@ class HotRoute:
         if (environ.get("REQUEST_METHOD") != "POST" or environ.get("QUERY_STRING") or "HTTP_TRANSFER_ENCODING" in
                 environ or not path.endswith(_SUFFIX) or not path.isascii() or not path.isprintable()):
             return None
-        if not environ.get("CONTENT_LENGTH", "").isdigit():
+        length = environ.get("CONTENT_LENGTH", "")
+        if not (length.isascii() and length.isdigit()):  # "²" is a digit to Python, not to int()
             return None
         if environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower() not in RAW_IMAGE_TYPES:
             return None
