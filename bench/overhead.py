@@ -25,10 +25,7 @@ from service.preprocessing import decode, normalize
 STAGE_METRIC = "convserve_model_stage_duration_seconds"
 
 
-def in_process_p50_ms(folder: Path, payload: bytes, runs: int = 2000, model: OnnxModel | None = None) -> float:
-    if model is None:
-        model = OnnxModel(folder, intra_op_threads=1)
-        model.load()
+def in_process_p50_ms(model: OnnxModel, payload: bytes, runs: int = 2000) -> float:
     for _ in range(200):
         model.predict(normalize(decode(payload, model.spec)[None], model.spec))
     timings = []
@@ -105,12 +102,12 @@ def overhead_cases(wrk, servers: dict, folders: dict[str, Path], payload: bytes,
     ``repeats`` interleaved runs), their difference, and (as shipped) the stage breakdown."""
     result = {}
     for model, folder in folders.items():
-        loaded = OnnxModel(folder, intra_op_threads=1)
+        loaded = OnnxModel(folder, intra_op_threads=1)  # one thread, as each worker runs it
         loaded.load()
         runs: dict[str, list[float]] = {name: [] for name in servers}
         in_process_runs = []
         for _ in range(repeats):
-            in_process_runs.append(in_process_p50_ms(folder, payload, model=loaded))
+            in_process_runs.append(in_process_p50_ms(loaded, payload))
             for name, server in servers.items():
                 url = f"{server.url}/v1/models/{model}/classify"
                 wrk.run(url, payload, "image/jpeg", 1, 1)  # warm the connection path

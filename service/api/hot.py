@@ -32,12 +32,10 @@ from service.api import (
 from service.api.schemas import ClassifyResponse
 from service.errors import ServiceError
 from service.inputs import RAW_IMAGE_TYPES, raw_image
-from service.payload import check_batch_size
 
 log = logging.getLogger("convserve")
 
 ENDPOINT = "v1.classify"
-_SUFFIX = ENDPOINT.rpartition(".")[2]
 ROUTES_REMEMBERED = 512  # paths matched once each (Werkzeug's match costs 15 us); bounded whatever clients send
 
 
@@ -55,14 +53,14 @@ class HotRoute:
         taken = self._match(environ)
         if taken is None:
             return self.wsgi_app(environ, start_response)
-        rule, arguments = taken
-        return self._classify(environ, start_response, rule, arguments)
+        route, arguments = taken
+        return self._classify(environ, start_response, route, arguments)
 
     def _match(self, environ):
         """(route template, view arguments) when the request is one this route serves, else None."""
         path = environ.get("PATH_INFO", "")
         if (environ.get("REQUEST_METHOD") != "POST" or environ.get("QUERY_STRING") or "HTTP_TRANSFER_ENCODING" in
-                environ or not path.endswith(_SUFFIX) or not path.isascii() or not path.isprintable()):
+                environ or not path.isascii() or not path.isprintable()):
             return None
         length = environ.get("CONTENT_LENGTH", "")
         if not (length.isascii() and length.isdigit()):  # "²" is a digit to Python, not to int()
@@ -89,8 +87,7 @@ class HotRoute:
                 state.api_keys.check("POST", path, headers)
                 body = admit_and_read_body(state, environ, int(environ["CONTENT_LENGTH"]), self.queued, context)
                 model = state.registry.get(arguments.get("name"), arguments.get("version"))
-                images = raw_image(body)
-                check_batch_size(len(images), state.settings.MAX_IMAGES_PER_REQUEST)
+                images = raw_image(body)  # one image: within MAX_IMAGES_PER_REQUEST, which is at least 1
                 status, document = 200, encoded(ClassifyResponse, state.pipeline.classify(model, images, None))
             except ServiceError as error:
                 status, document = error.status, error_document(path, error.code, error.message)
