@@ -133,7 +133,7 @@ def overhead_cases(wrk, servers: dict, folders: dict[str, Path], payload: bytes,
 
 
 def tracing_cost(wrk, work: Path, workers: int, model: str, payload: bytes, content_type: str, seconds: float,
-                 connections: int = 8, repeats: int = 3) -> dict:
+                 connections: int = 8, repeats: int = 5) -> dict:
     """Classify throughput and the server's CPU per request at ``connections`` with tracing off and on (every
     request sampled, its stages as child spans or as events; or one in ten sampled), exported over OTLP/HTTP to a
     receiver in this process that reads and counts what it is sent; interleaved runs, their medians and ratios."""
@@ -157,8 +157,11 @@ def tracing_cost(wrk, work: Path, workers: int, model: str, payload: bytes, cont
     try:
         for server in servers.values():
             server.wait_ready()
-        for _ in range(repeats):
-            for name, server in servers.items():
+        for round_number in range(repeats):
+            # every other round in reverse order, so a machine slowing or speeding up through a round favours none
+            names = list(servers) if round_number % 2 == 0 else list(servers)[::-1]
+            for name in names:
+                server = servers[name]
                 url = f"{server.url}/v1/models/{model}/classify"
                 cpu_before = server_cpu_seconds(server)
                 measured = wrk.run(url, payload, content_type, connections, seconds)
@@ -170,17 +173,74 @@ def tracing_cost(wrk, work: Path, workers: int, model: str, payload: bytes, cont
         receiver.close()
     medians = {name: statistics.median(values) for name, values in runs.items()}
     cpu_ms = {name: statistics.median(values) for name, values in cpu.items()}
+    # each round's throughput over that round's "off", then the median: the rounds' common drift cancels
+    paired = {name: statistics.median(on / off for on, off in zip(values, runs["off"]))
+              for name, values in runs.items()}
+    recording_us = span_recording_us()
     result = {"model": model, "connections": connections, "runs": runs, "exports_received": receiver.requests,
               "bytes_received": receiver.received_bytes,
               "req_per_s": {name: round(value, 1) for name, value in medians.items()},
-              "over_off": {name: round(value / medians["off"], 3) for name, value in medians.items()},
+              "over_off": {name: round(value, 3) for name, value in paired.items()},
+              "recording_us_per_request": recording_us,
               "server_cpu_ms_per_request": {name: round(value, 3) for name, value in cpu_ms.items()},
               "cpu_over_off": {name: round(value / cpu_ms["off"], 3) for name, value in cpu_ms.items()}}
     print(f"  tracing, {model} c={connections}: " + ", ".join(
         f"{name} {value:.0f} req/s (x{result['over_off'][name]}, server CPU {cpu_ms[name]:.3f} ms/request)"
         for name, value in medians.items())
         + f"; {receiver.requests} OTLP exports, {receiver.received_bytes / 2**20:.1f} MiB received", flush=True)
+    print(f"  tracing, in process: a request's span and stage spans cost {recording_us['record']:.1f} us to record"
+          f" and {recording_us['export_encode']:.1f} us to encode for export"
+          f" ({(recording_us['record'] + recording_us['export_encode']) / 10 / cpu_ms['off']:.2f} % of the"
+          f" {cpu_ms['off']:.2f} ms of server CPU per request)", flush=True)
     return result
+
+
+def span_recording_us(requests: int = 250, repeats: int = 7) -> dict:
+    """Microseconds per request to record its span and six stage spans (service/tracing.py), and to frame them
+    as an OTLP export: the best of ``repeats`` timings, in this process, with a stand-in for the batch processor."""
+    import time
+    import uuid
+
+    from service import otlp_wire
+    from service.request_context import STAGES, RequestContext
+    from service.settings import Settings
+    from service.tracing import Tracing
+
+    class Queue:
+        def __init__(self):
+            self.spans = []
+
+        def on_end(self, span):
+            self.spans.append(span)
+
+        def shutdown(self):
+            pass
+
+    tracing = Tracing(Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}))
+    tracing._processor.shutdown()
+    queue = tracing._processor = Queue()
+    attributes = {"http.request.method": "POST", "http.route": "/v1/models/<name>/classify",
+                  "url.path": "/v1/models/convnet/classify", "http.response.status_code": 200}
+    envelope = otlp_wire.Envelope({"service.name": "convserve"}, "convserve", "bench")
+    record = encode = float("inf")
+    for _ in range(repeats):
+        contexts = []
+        for _ in range(requests):
+            context = RequestContext(uuid.uuid4().hex)
+            context.model, context.version, context.precision, context.images, context.batch_size = \
+                "convnet", "1", "fp32", 1, 2
+            for offset, stage in enumerate(STAGES):
+                context.add(stage, 1e-4, context.started + offset * 1e-4)
+            contexts.append(context)
+        queue.spans.clear()
+        started = time.perf_counter()
+        for context in contexts:
+            tracing.record(context, {}, "POST /v1/models/<name>/classify", attributes, False, time.perf_counter())
+        record = min(record, (time.perf_counter() - started) / requests)
+        started = time.perf_counter()
+        envelope.request(queue.spans)
+        encode = min(encode, (time.perf_counter() - started) / requests)
+    return {"record": round(record * 1e6, 2), "export_encode": round(encode * 1e6, 2)}
 
 
 def answer_encoding(repeats: int = 5, number: int = 20000) -> dict:
