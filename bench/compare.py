@@ -1,13 +1,14 @@
 """Before and after a change, in one run: this checkout's server against another commit's, case by case.
 
-    python -m bench.compare REV [--seconds 5] [--repeats 3] [--fail-below 0.95]
+    python -m bench.compare REV [--seconds 5] [--repeats 3] [--fail-below 0.95] [--tracing]
 
 REV (a commit, tag or branch) is checked out into a temporary git worktree. Both servers run from this virtual
 environment on this checkout's model store, side by side, each with WORKERS workers, and every case (model, body,
 route, connections) runs on one and then at once on the other, alternating which goes first, ``--repeats`` times.
 This machine's speed drifts by tens of percent within minutes, so only ratios of neighbouring runs mean anything: the
 report gives each case's median throughput and p50 on both sides and after/before, and exits 1 when a ratio is below
-``--fail-below`` (given), so a refactor can show it made no case slower.
+``--fail-below`` (given), so a refactor can show it made no case slower. ``--tracing`` runs both servers with every
+request traced, exported over OTLP/HTTP to a receiver in this process, so a change to tracing shows its cost.
 """
 
 from __future__ import annotations
@@ -57,16 +58,25 @@ def checkout(rev: str, folder: Path) -> str:
     return commit
 
 
-def compare(rev: str, seconds: float, repeats: int, workers: int, only: str = "") -> dict:
+def compare(rev: str, seconds: float, repeats: int, workers: int, only: str = "", tracing: bool = False,
+            settings: dict | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="convserve-compare-"))
     before_code = work / "before-code"
     commit = checkout(rev, before_code)
     wrk = Wrk(work)
     servers = {}
+    receiver = None
+    settings = dict(settings or {})
+    if tracing:
+        from tests.otlp import OtlpHttpReceiver
+
+        receiver = OtlpHttpReceiver(decode=False)
+        settings["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
     try:
         for side, code in (("before", before_code), ("after", REPO)):
             (work / side).mkdir()
-            servers[side] = GunicornServer(work / side, code=code, WORKERS=workers, MODEL_STORE=REPO / "model_store")
+            servers[side] = GunicornServer(work / side, code=code, WORKERS=workers, MODEL_STORE=REPO / "model_store",
+                                           **settings)
         for server in servers.values():
             server.wait_ready()
         results = []
@@ -89,8 +99,11 @@ def compare(rev: str, seconds: float, repeats: int, workers: int, only: str = ""
     finally:
         for server in servers.values():
             server.stop()
+        if receiver is not None:
+            receiver.close()
         subprocess.run(["git", "worktree", "remove", "--force", str(before_code)], cwd=REPO, check=False)
     return {"before": commit, "after": "working tree", "workers": workers, "seconds": seconds, "repeats": repeats,
+            "tracing": tracing, "spans_received_bytes": receiver.received_bytes if receiver else None,
             "cpu": cpu(), "cases": results, "slowest": min(r["after_over_before"] for r in results)}
 
 
@@ -102,9 +115,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=Settings().WORKERS, help="gunicorn workers on each side")
     parser.add_argument("--only", default="", help="only the cases whose name contains this, e.g. \"lenet\"")
     parser.add_argument("--fail-below", type=float, default=None, help="exit 1 if a case's after/before is lower")
+    parser.add_argument("--tracing", action="store_true", help="every request traced, on both sides")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for both servers (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
-    report = compare(args.rev, args.seconds, args.repeats, args.workers, args.only)
+    report = compare(args.rev, args.seconds, args.repeats, args.workers, args.only, args.tracing,
+                     dict(setting.split("=", 1) for setting in args.setting))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compare-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -39,12 +39,29 @@ def _unix_ns(perf_seconds: float) -> int:
     return int(perf_seconds * 1e9) + _EPOCH_OFFSET_NS
 
 
-class _Span(bytes):
-    """One finished span, as its OTLP wire bytes (service/otlp_wire.py), queued in the SDK's batch span processor.
-    That processor asks only whether a span is sampled; every span queued here is."""
+class _Span(tuple):
+    """One finished span, queued in the SDK's batch span processor and written as OTLP wire bytes
+    (service/otlp_wire.py) by its export thread, off the request's path: (trace ID, span ID, parent span ID or 0,
+    tracestate, name, kind, start and end as perf_counter seconds, attributes (a dict, or already written),
+    events, error, remote parent).
+    The processor asks only whether a span is sampled; every span queued here is."""
 
     __slots__ = ()
     context = None  # set to a sampled SpanContext when tracing starts
+
+    def wire(self) -> bytes:
+        (trace_id, span_id, parent_id, trace_state, name, kind, started, ended, attributes, events, error,
+         remote_parent) = self
+        return otlp_wire.span(
+            trace_id.to_bytes(16, "big"), span_id.to_bytes(8, "big"), parent_id.to_bytes(8, "big") if parent_id
+            else None, trace_state, name, kind, _unix_ns(started), _unix_ns(ended),
+            attributes if attributes.__class__ is bytes else otlp_wire.attributes(attributes),
+            b"".join([otlp_wire.event(_unix_ns(at), stage, fields) for at, stage, fields in events]), error,
+            remote_parent)
+
+
+def _written(spans) -> list[bytes]:
+    return [span.wire() for span in spans]
 
 
 class Tracing:
@@ -53,7 +70,8 @@ class Tracing:
     The OpenTelemetry SDK decides, exports and reads the standard variables: its propagators read the caller's
     context, its sampler (OTEL_TRACES_SAMPLER) samples, its resource (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES)
     names the service, its BatchSpanProcessor (OTEL_BSP_*) batches and its OTLP exporters send. Only the spans are
-    this service's own: wire bytes instead of SDK span objects, which cost ten times as much."""
+    this service's own: tuples written as wire bytes at export, instead of SDK span objects, which cost ten times
+    as much."""
 
     def __init__(self, settings: Settings):
         self.enabled = settings.tracing_enabled
@@ -106,10 +124,9 @@ class Tracing:
             span_attributes.update(sampling.attributes)
         trace_state = ",".join(f"{key}={value}" for key, value in sampling.trace_state.items()) \
             if sampling.trace_state else ""
-        trace_bytes = trace_id.to_bytes(16, "big")
-        span_id = (getrandbits(64) or 1).to_bytes(8, "big")
+        span_id = getrandbits(64) or 1
         starts, stages = context.starts, context.stages
-        events = b""
+        events = ()
         emit = self._processor.on_end
         if self.stage_spans:
             for stage in STAGES:
@@ -117,20 +134,15 @@ class Tracing:
                     started = starts[stage]
                     stage_attributes = _STAGE_ATTRIBUTES[stage]
                     if stage == "compute_infer" and context.batch_size:
-                        stage_attributes = otlp_wire.attributes({"convserve.stage": STAGE_DESCRIPTIONS[stage],
-                                                                 "convserve.batch_size": context.batch_size})
-                    emit(_Span(otlp_wire.span(
-                        trace_bytes, (getrandbits(64) or 1).to_bytes(8, "big"), span_id, trace_state, stage,
-                        otlp_wire.SPAN_KIND_INTERNAL, _unix_ns(started), _unix_ns(started + stages[stage]),
-                        stage_attributes)))
+                        stage_attributes = {"convserve.stage": STAGE_DESCRIPTIONS[stage],
+                                            "convserve.batch_size": context.batch_size}
+                    emit(_Span((trace_id, getrandbits(64) or 1, span_id, trace_state, stage, _INTERNAL, started,
+                                started + stages[stage], stage_attributes, (), False, False)))
         else:
-            events = b"".join([otlp_wire.event(_unix_ns(starts[stage]), stage,
-                                               {"convserve.duration_ms": round(stages[stage] * 1000, 3)})
-                               for stage in STAGES if stage in starts])
-        emit(_Span(otlp_wire.span(
-            trace_bytes, span_id, parent.span_id.to_bytes(8, "big") if parent.is_valid else None, trace_state,
-            name, otlp_wire.SPAN_KIND_SERVER, _unix_ns(context.started), _unix_ns(ended),
-            otlp_wire.attributes(span_attributes), events, error, parent.is_remote)))
+            events = [(starts[stage], stage, {"convserve.duration_ms": round(stages[stage] * 1000, 3)})
+                      for stage in STAGES if stage in starts]
+        emit(_Span((trace_id, span_id, parent.span_id if parent.is_valid else 0, trace_state, name, _SERVER,
+                    context.started, ended, span_attributes, events, error, parent.is_remote)))
 
     def shutdown(self) -> None:
         if self._processor is not None:
@@ -139,6 +151,7 @@ class Tracing:
 
 _STAGE_ATTRIBUTES = {stage: otlp_wire.attributes({"convserve.stage": description})
                      for stage, description in STAGE_DESCRIPTIONS.items()}
+_SERVER, _INTERNAL = otlp_wire.SPAN_KIND_SERVER, otlp_wire.SPAN_KIND_INTERNAL
 
 
 def _exporter(settings: Settings, envelope: otlp_wire.Envelope):
@@ -153,7 +166,7 @@ def _exporter(settings: Settings, envelope: otlp_wire.Envelope):
 
         class WireGrpcExporter(GrpcExporter):
             def _translate_data(self, data):  # the hook the gRPC exporter builds its request message in
-                return ExportTraceServiceRequest.FromString(envelope.request(data))
+                return ExportTraceServiceRequest.FromString(envelope.request(_written(data)))
 
         return WireGrpcExporter(endpoint=endpoint or settings.OTEL_EXPORTER_OTLP_ENDPOINT)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
@@ -164,7 +177,7 @@ def _exporter(settings: Settings, envelope: otlp_wire.Envelope):
             if self._shutdown:
                 return SpanExportResult.FAILURE
             with self._metrics.export_operation(len(spans)) as result:
-                sent = self._client.export(envelope.request(spans))
+                sent = self._client.export(envelope.request(_written(spans)))
                 if not sent.success:
                     result.error = sent.error
                     return SpanExportResult.FAILURE

@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from service import otlp_wire
 from service.request_context import STAGES, RequestContext
 from service.settings import Settings
-from service.tracing import Tracing
+from service.tracing import Tracing, _written
 
 RESOURCE = Resource({"service.name": "convserve", "service.version": "1.0", "deployment.environment": "test"})
 SCOPE = InstrumentationScope("convserve", "1.0")
@@ -110,7 +110,7 @@ def recorded(monkeypatch, environment: dict, carrier: dict, stage_spans: bool = 
     if not captured.spans:
         return []
     envelope = otlp_wire.Envelope({"service.name": "convserve"}, "convserve", "test")
-    request = ExportTraceServiceRequest.FromString(envelope.request(captured.spans))
+    request = ExportTraceServiceRequest.FromString(envelope.request(_written(captured.spans)))
     return list(request.resource_spans[0].scope_spans[0].spans)
 
 
