@@ -124,8 +124,9 @@ def run_grpc(work: Path, server, model: str, image: bytes, connections: int, sec
 
 def compare(work: Path, server, model: str, images: dict[str, tuple[bytes, str]], connections: list[int],
             seconds: int, repeats: int = 3) -> list[dict]:
-    """Rows of REST and gRPC figures per image and concurrency: ``repeats`` runs of each, alternating, and their
-    medians (this machine's throughput wanders by several per cent from one run to the next)."""
+    """Rows of REST and gRPC figures per image and concurrency: ``repeats`` pairs of runs, every other pair in
+    reverse order, and their medians (this machine's throughput wanders by several per cent from one run to the
+    next)."""
     if shutil.which("h2load") is None:
         print("  gRPC rows skipped: h2load is not installed (apt-get install nghttp2-client)", flush=True)
         return []
@@ -133,9 +134,10 @@ def compare(work: Path, server, model: str, images: dict[str, tuple[bytes, str]]
     for label, (image, _) in images.items():
         for count in connections:
             runs = {"rest": [], "grpc": []}
-            for _ in range(repeats):
-                runs["rest"].append(measured(run_rest, server, work, server, model, image, count, seconds))
-                runs["grpc"].append(measured(run_grpc, server, work, server, model, image, count, seconds))
+            for repeat in range(repeats):  # every other pair in reverse order: neither protocol always goes first
+                for protocol in (("rest", "grpc") if repeat % 2 == 0 else ("grpc", "rest")):
+                    run = run_rest if protocol == "rest" else run_grpc
+                    runs[protocol].append(measured(run, server, work, server, model, image, count, seconds))
             rest, over_grpc = (median_run(runs[protocol]) for protocol in ("rest", "grpc"))
             ratios = sorted(g["ok_per_s"] / r["ok_per_s"] for r, g in zip(runs["rest"], runs["grpc"]))
             ratio = over_grpc["ok_per_s"] / rest["ok_per_s"] if rest["ok_per_s"] else None

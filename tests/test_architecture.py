@@ -138,7 +138,7 @@ def test_no_test_file_is_over_700_lines():
 
 INFERENCE_PATH_AND_CORE = ["pipeline", "inference_queue", "oip", "registry", "model", "verification", "preprocessing",
                            "visualize", "payload", "contract", "settings", "metadata", "errors", "metrics",
-                           "metrics_files", "request_context", "logs", "tracing"]
+                           "metrics_files", "request_context", "logs", "tracing", "otlp_wire"]
 WEB_LAYER = {"flask", "werkzeug", "flask_cors", "service.api", "service.inputs", "service.auth", "service.worker",
              "gunicorn"}
 

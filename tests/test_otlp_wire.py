@@ -1,5 +1,7 @@
-"""The spans' own OTLP bytes (service/otlp_wire.py) parse, with the official generated messages, into exactly what
-the OpenTelemetry SDK's encoder makes of the same spans; and a request's recorded spans have the shape of a trace."""
+"""The spans' own OTLP bytes (service/otlp_wire.py) are what the OpenTelemetry SDK's encoder makes of the same spans.
+
+Parsed with the official generated messages, and byte for byte. Then a request's recorded spans have the shape of a
+trace, and the SDK's sampler decides which are recorded."""
 
 from __future__ import annotations
 
