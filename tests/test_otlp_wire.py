@@ -149,3 +149,9 @@ def test_the_sdks_sampler_decides(monkeypatch):
         "parentbased: the caller's decision stands"
     assert recorded(monkeypatch, {"OTEL_TRACES_SAMPLER": "always_off"}, {}) == []
     assert len(recorded(monkeypatch, {"OTEL_TRACES_SAMPLER": "always_on"}, {"traceparent": caller_sampled_out})) == 7
+    assert len(recorded(monkeypatch, {}, {})) == 7, "the default samples a request without a caller"
+    assert recorded(monkeypatch, {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                  "OTEL_TRACES_SAMPLER_ARG": "0"}, {}) == [], "a ratio of 0 samples no root"
+    assert recorded(monkeypatch, {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+                    {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}) == [], \
+        "a sampler that is not parent-based decides alone"
