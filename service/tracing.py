@@ -45,7 +45,7 @@ class _Trace(tuple):
     """One traced request, queued in the SDK's batch span processor as one item and written as its span and stage
     spans, in OTLP wire bytes (service/otlp_wire.py), by the export thread, off the request's path: (trace ID, span
     ID, parent span ID or 0, tracestate, name, start and end as perf_counter seconds, attributes, error, remote
-    parent, stage spans: (stage, start, seconds) each, events: (start, stage, seconds) each, batch size).
+    parent, the stages passed: (stage, start, seconds) each, whether they are child spans or events, batch size).
     The processor asks only whether an item is sampled; every item queued here is."""
 
     __slots__ = ()
@@ -53,16 +53,17 @@ class _Trace(tuple):
 
     def wire(self) -> list[bytes]:
         (trace_id, span_id, parent_id, trace_state, name, started, ended, attributes, error, remote_parent,
-         stage_spans, stage_events, batch_size) = self
+         passed, as_spans, batch_size) = self
         trace = trace_id.to_bytes(16, "big")
         span = span_id.to_bytes(8, "big")
-        events = b"".join([otlp_wire.event(_unix_ns(at), stage, {"convserve.duration_ms": round(seconds * 1000, 3)})
-                           for at, stage, seconds in stage_events])
+        events = b"" if as_spans else b"".join([
+            otlp_wire.event(_unix_ns(at), stage, {"convserve.duration_ms": round(seconds * 1000, 3)})
+            for stage, at, seconds in passed])
         written = [otlp_wire.span(
             trace, span, parent_id.to_bytes(8, "big") if parent_id else None, trace_state, name,
             otlp_wire.SPAN_KIND_SERVER, _unix_ns(started), _unix_ns(ended), otlp_wire.attributes(attributes), events,
             error, remote_parent)]
-        for stage, at, seconds in stage_spans:
+        for stage, at, seconds in passed if as_spans else ():
             stage_attributes = _STAGE_ATTRIBUTES[stage]
             if stage == "compute_infer" and batch_size:
                 stage_attributes = otlp_wire.attributes({"convserve.stage": STAGE_DESCRIPTIONS[stage],
@@ -147,12 +148,10 @@ class Tracing:
         if sampler_attributes:
             span_attributes.update(sampler_attributes)
         starts, stages = context.starts, context.stages
-        passed = [(stage, starts[stage], stages[stage]) for stage in STAGES if stage in starts]
         self._processor.on_end(_Trace((
             trace_id, getrandbits(64) or 1, parent.span_id if parent.is_valid else 0, trace_state, name,
             context.started, ended, span_attributes, error, parent.is_remote,
-            passed if self.stage_spans else (),
-            () if self.stage_spans else [(at, stage, seconds) for stage, at, seconds in passed],
+            [(stage, starts[stage], stages[stage]) for stage in STAGES if stage in starts], self.stage_spans,
             context.batch_size)))
 
     def shutdown(self) -> None:
