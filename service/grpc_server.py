@@ -146,8 +146,9 @@ class GrpcServer:
             finally:
                 total = call.elapsed()
                 metrics.IN_FLIGHT.dec()
-                metrics.REQUESTS.labels(route, "POST", str(status), "grpc").inc()
-                metrics.REQUEST_LATENCY.labels(route, "POST", "grpc").observe(total)
+                count, latency = metrics.request_series(route, "POST", status, "grpc")
+                count.inc()
+                latency.observe(total)
                 if call.model is not None and "encode" in call.stages:
                     metrics.version_series(call.model, call.version).stages["encode"].observe(call.stages["encode"])
                 if self.state.tracing.enabled:

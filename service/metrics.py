@@ -161,6 +161,18 @@ class VersionSeries:
 
 
 _version_series: dict[tuple[str, str], VersionSeries] = {}
+_request_series: dict[tuple[str, str, int, str], tuple] = {}
+
+
+def request_series(route: str, method: str, status: int, protocol: str) -> tuple:
+    """The request counter and latency histogram of these labels, looked up once (as VersionSeries does): every
+    request asks. The labels are a closed set (route templates, the metered methods, the service's statuses)."""
+    key = (route, method, status, protocol)
+    series = _request_series.get(key)
+    if series is None:
+        series = _request_series[key] = (REQUESTS.labels(route, method, str(status), protocol),
+                                         REQUEST_LATENCY.labels(route, method, protocol))
+    return series
 
 
 def version_series(model: str, version: str) -> VersionSeries:

@@ -10,6 +10,8 @@ and a folder that is read-only or deleted raises inside the request that creates
 - ``compact(folder, pid)`` runs in the gunicorn master when a worker exits: the dead worker's counters and histograms
   are added into one archive file per type and its files removed (its live gauges are dropped, as prometheus_client
   does), so the folder holds the live workers' files plus one archive, however many workers have lived;
+- ``MappedValue`` replaces its value class with one that writes the same files for less per update (a request
+  makes 38);
 - ``collect(folder)`` reads the folder under a shared lock that compaction takes exclusively, so a scrape never sees
   a dead worker's counts twice or not at all.
 """
@@ -22,11 +24,12 @@ import logging
 import mmap
 import os
 import struct
+import threading
 import time
 from contextlib import contextmanager, suppress
 
 from prometheus_client import CollectorRegistry, generate_latest, values
-from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 log = logging.getLogger("convserve")
@@ -62,8 +65,8 @@ def _report_once(what: str, error: OSError) -> None:
 class GuardedFile(MmapedDict):
     """prometheus_client's MmapedDict, with space reserved before it is mapped and no write that can raise.
 
-    prometheus_client calls it with its one per-process lock held (values.MultiProcessValue), so a write here may
-    also retry the other files' pending values."""
+    Its values (MappedValue) call it with their one per-process lock held, so a write here may also retry the other
+    files' pending values."""
 
     def __init__(self, filename, read_mode=False):  # noqa: D107 - the parent's signature
         self._fname = filename
@@ -140,6 +143,10 @@ class GuardedFile(MmapedDict):
             del self._unplaced[key]
         return True
 
+    def position_of(self, key: str) -> int | None:
+        """Where the key's value is in the mapped file; None while it is kept in memory."""
+        return None if self._m is None or key in self._unplaced else self._positions.get(key)
+
     def read_value(self, key):
         if key in self._unplaced:
             return self._unplaced[key]
@@ -186,9 +193,97 @@ def _retry_pending() -> None:
         log.info("metrics: every series kept in memory is written to the metrics folder again")
 
 
+class MappedValue:
+    """prometheus_client's multiprocess value (values.MultiProcessValue): the same files, keys and modes, cheaper per
+    update.
+
+    A classify request makes 38 updates. The stock value takes its lock, calls ``os.getpid()`` to notice a fork,
+    then looks the key up in its file and packs the doubles on each one: 2.4–2.9 µs an update on a 2-core VM, against
+    1.0–1.3 µs here. This one learns of a fork from ``os.register_at_fork`` and remembers its place in the file, so an
+    update is the lock, an add and one ``pack_into``; the file is asked again only while some value has no place in
+    it (a full volume, GuardedFile)."""
+
+    _multiprocess = True
+    __slots__ = ("_params", "_file", "_key", "_value", "_timestamp", "_position", "_generation")
+
+    def __init__(self, typ, metric_name, name, labelnames, labelvalues, help_text, multiprocess_mode="", **kwargs):
+        self._params = typ, metric_name, name, labelnames, labelvalues, help_text, multiprocess_mode
+        with _values_lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        typ, metric_name, name, labelnames, labelvalues, help_text, multiprocess_mode = self._params
+        prefix = f"{typ}_{multiprocess_mode}" if typ == "gauge" else typ
+        file = _files.get(prefix)
+        if file is None:
+            folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ["prometheus_multiproc_dir"]
+            file = _files[prefix] = GuardedFile(os.path.join(folder, f"{prefix}_{os.getpid()}.db"))
+        self._file = file
+        self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
+        self._value, self._timestamp = file.read_value(self._key)
+        self._position = file.position_of(self._key)
+        self._generation = _generation[0]
+
+    def _write(self) -> None:
+        mapped = self._file._m
+        if self._position is None or mapped is None or _pending:
+            self._file.write_value(self._key, self._value, self._timestamp)
+            self._position = self._file.position_of(self._key)
+        else:
+            _TWO_DOUBLES.pack_into(mapped, self._position, self._value, self._timestamp)
+
+    def inc(self, amount):
+        with _values_lock:
+            if self._generation != _generation[0]:  # forked since: this process has files of its own
+                self._reset()
+            self._value += amount
+            self._timestamp = 0.0
+            self._write()
+
+    def set(self, value, timestamp=None):
+        with _values_lock:
+            if self._generation != _generation[0]:
+                self._reset()
+            self._value = value
+            self._timestamp = timestamp or 0.0
+            self._write()
+
+    def set_exemplar(self, exemplar):
+        return  # prometheus_client's multiprocess mode keeps no exemplars either
+
+    def get(self):
+        with _values_lock:
+            if self._generation != _generation[0]:
+                self._reset()
+            return self._value
+
+    def get_exemplar(self):
+        return None
+
+
+_values_lock = threading.Lock()
+_files: dict[str, GuardedFile] = {}
+_generation = [0]  # bumped in a forked child: every value finds its own file on its next use
+
+
+def _after_fork_in_child() -> None:
+    global _values_lock
+    _values_lock = threading.Lock()  # another thread may have held it at the fork
+    for file in _files.values():
+        file.close()
+    _files.clear()
+    _generation[0] += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def install() -> None:
-    """Every metric made from now on in this process keeps its values in GuardedFile files."""
+    """Every metric made from now on in this process keeps its values in GuardedFile files, through MappedValue when
+    prometheus_client chose multiprocess mode (PROMETHEUS_MULTIPROC_DIR set at its import)."""
     values.MmapedDict = GuardedFile
+    if getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = MappedValue
 
 
 @contextmanager

@@ -288,8 +288,9 @@ def finish_request(app_state, context: request_context.RequestContext, method: s
     metered = route not in UNMETERED_ROUTES
     if metered:
         label = method if method in METERED_METHODS else "other"  # a closed set: clients cannot grow the metrics
-        metrics.REQUESTS.labels(route, label, str(status), "http").inc()
-        metrics.REQUEST_LATENCY.labels(route, label, "http").observe(total)
+        count, latency = metrics.request_series(route, label, status, "http")
+        count.inc()
+        latency.observe(total)
         if context.model is not None:
             stages = metrics.version_series(context.model, context.version).stages
             for stage in metrics.REQUEST_STAGES:
