@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import service
-from service import metrics, oip, request_context
+from service import logs, metrics, oip, request_context
 from service.errors import InvalidTensor, Overloaded, ServiceError, Unauthorized
 from service.logs import ACCESS_LOGGER
 from service.proto import inference_pb2 as pb
@@ -156,12 +156,12 @@ class GrpcServer:
                         "rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name,
                         "rpc.grpc.status_code": code.value[0]}, status >= 500, time.perf_counter())
                 if access_log.isEnabledFor(logging.INFO):
-                    summary = call.summary()
-                    access_log.info("%s gRPC %s %d %.2fms%s", context.peer(), name, status, total * 1000,
-                                    f" {summary}" if summary else "", extra={
-                                        "request_id": call.id, "protocol": "grpc", "method": name, "path": route,
-                                        "status": status, "total_ms": round(total * 1000, 3),
-                                        "remote": context.peer(), **call.fields()})
+                    summary, peer, extra = call.summary(), context.peer(), {"request_id": call.id}
+                    if logs.structured():
+                        extra.update(protocol="grpc", method=name, path=route, status=status,
+                                     total_ms=round(total * 1000, 3), remote=peer, **call.fields())
+                    access_log.info("%s gRPC %s %d %.2fms%s", peer, name, status, total * 1000,
+                                    f" {summary}" if summary else "", extra=extra)
                 request_context.end()
 
         return handle

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from service.request_context import RequestIdFilter
 
@@ -19,6 +20,13 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 JSON_FIELDS = ["levelname", "name", "process", "message", "request_id"]
 JSON_RENAMED = {"levelname": "level", "name": "logger", "process": "pid"}
 ACCESS_LOGGER = "convserve.access"
+_structured = [False]  # set by configure()
+
+
+def structured() -> bool:
+    """Whether lines are JSON objects (LOG_FORMAT=json), whose members a call's ``extra`` fields become. The text
+    format shows the message and the request ID alone, so the access line gathers its fields only for JSON."""
+    return _structured[0]
 
 
 class TextFormatter(logging.Formatter):
@@ -27,6 +35,16 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self):
         super().__init__(TEXT_FORMAT)
+        self._second = (None, "")  # the last whole second formatted, and its text: one strftime a second
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime(self.default_time_format, self.converter(record.created)))
+        return self.default_msec_format % (cached[1], record.msecs)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         line = super().formatMessage(record)
@@ -61,6 +79,7 @@ def configure(level: str, log_format: str) -> None:
         logger.propagate = False
     for handler in logger.handlers:
         handler.setFormatter(formatter(log_format))
+    _structured[0] = log_format == "json"
     logger.setLevel(level.upper())
 
 

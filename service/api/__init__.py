@@ -16,7 +16,7 @@ from flask.json.provider import DefaultJSONProvider
 from pydantic import BaseModel
 from werkzeug.exceptions import HTTPException
 
-from service import contract, metrics, request_context
+from service import contract, logs, metrics, request_context
 from service.api import schemas
 from service.errors import (
     BACKOFF_ENVIRON_KEY,
@@ -313,11 +313,12 @@ def _spaced(words: str) -> str:
 def _log_access(context: request_context.RequestContext, remote: str | None, method: str, path: str, status: int,
                 size: int | None, total: float) -> None:
     path = path if len(path) <= 200 and path.isprintable() else ascii(path[:200])
+    extra = {"request_id": context.id}
+    if logs.structured():
+        extra.update(protocol="http", method=method[:16], path=path, status=status, bytes=size,
+                     total_ms=round(total * 1000, 3), remote=remote, **context.fields())
     access_log.info("%s %s %s %d %sB %.2fms%s", remote, method[:16], path, status, size if size is not None else "-",
-                    total * 1000, _spaced(context.summary()),
-                    extra={"request_id": context.id, "protocol": "http", "method": method[:16], "path": path,
-                           "status": status, "bytes": size, "total_ms": round(total * 1000, 3), "remote": remote,
-                           **context.fields()})
+                    total * 1000, _spaced(context.summary()), extra=extra)
 
 
 def _security_headers(response):
