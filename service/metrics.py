@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from service import contract, metrics_files
 from service.errors import MetricsUnavailable
+from service.metrics_files import Histogram
 from service.settings import prometheus_folder
 
 metrics_files.install()  # before the first metric is made

@@ -10,14 +10,15 @@ and a folder that is read-only or deleted raises inside the request that creates
 - ``compact(folder, pid)`` runs in the gunicorn master when a worker exits: the dead worker's counters and histograms
   are added into one archive file per type and its files removed (its live gauges are dropped, as prometheus_client
   does), so the folder holds the live workers' files plus one archive, however many workers have lived;
-- ``MappedValue`` replaces its value class with one that writes the same files for less per update (a request
-  makes 38);
+- ``MappedValue`` replaces its value class, and ``Histogram`` its histogram's observe, with ones that write the same files
+  for less per update (a request makes 38 updates, 14 of them observations);
 - ``collect(folder)`` reads the folder under a shared lock that compaction takes exclusively, so a scrape never sees
   a dead worker's counts twice or not at all.
 """
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import glob
 import logging
@@ -28,6 +29,7 @@ import threading
 import time
 from contextlib import contextmanager, suppress
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest, values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -259,6 +261,27 @@ class MappedValue:
 
     def get_exemplar(self):
         return None
+
+
+class Histogram(prometheus_client.Histogram):
+    """prometheus_client's Histogram, whose observation into MappedValues takes their lock once and finds its bucket
+    by bisection, instead of two locked updates after a walk through the buckets (14 observations a request). Into
+    other values (no multiprocess folder), with an exemplar, or of NaN, it is prometheus_client's own observe."""
+
+    def observe(self, amount: float, exemplar=None) -> None:
+        total = getattr(self, "_sum", None)  # a parent with labels has none: prometheus_client says why it can't
+        if type(total) is not MappedValue or exemplar or amount != amount:
+            return super().observe(amount, exemplar)
+        bucket = self._buckets[bisect.bisect_left(self._upper_bounds, amount)]  # the first bound >= amount (+Inf last)
+        with _values_lock:
+            if total._generation != _generation[0]:
+                total._reset()
+                bucket._reset()
+            total._value += amount
+            bucket._value += 1.0
+            total._timestamp = bucket._timestamp = 0.0
+            total._write()
+            bucket._write()
 
 
 _values_lock = threading.Lock()

@@ -1,7 +1,7 @@
-"""service/metrics_files.MappedValue against prometheus_client's own multiprocess value: the same files, the same
-exposition, one file per process after a fork, and no lost update between threads.
+"""MappedValue and Histogram (service/metrics_files.py) write what prometheus_client's own multiprocess value does.
 
-Each case runs in a fresh interpreter, since prometheus_client picks its value class when it is first imported.
+The same files and exposition, one file per process after a fork, no lost update between threads. Each case runs in a
+fresh interpreter, since prometheus_client picks its value class when it is first imported.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # own collector reads it.
 UPDATES = """
 import os, sys
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 from service import metrics_files
+from service.metrics_files import Histogram  # prometheus_client's own observe over the stock values
 metrics_files.install()
 if sys.argv[1] == "stock":
     values.ValueClass = values.MultiProcessValue()
@@ -33,6 +34,13 @@ gauges = {mode: Gauge(f"g_{mode}", "A gauge.", multiprocess_mode=mode)
 for step in range(1, 40):
     requests.labels(f"/r{step % 3}", str(200 + step % 2)).inc(step % 5)
     latency.labels(f"/r{step % 2}").observe(step / 997)
+edges = latency.labels("/edges")
+for amount in (0.0, -1.0, 0.001, 0.01, 0.1, 1.0, 1.0000001, 5.0, float("inf"), float("nan")):
+    edges.observe(amount)  # on a bound, between, past the last, negative, infinite, NaN (no bucket)
+try:
+    latency.observe(1.0)
+except ValueError as error:  # a parent with labels: prometheus_client's own refusal
+    print("refused:", error)
     for mode, gauge in gauges.items():
         gauge.inc(step) if step % 3 and "mostrecent" not in mode else gauge.set(step / 7)
     gauges["livesum"].dec(1)
@@ -57,12 +65,16 @@ def test_the_same_updates_give_prometheus_clients_own_exposition(tmp_path: Path)
     stock, mapped = exposition("stock"), exposition("mapped")
     assert 'requests_total{route="/r1",status="200"} 14.0' in stock, stock
     assert 'latency_seconds_bucket{le="0.01",route="/r1"} 5.0' in stock and 'g_all{pid="-"} 5.571428571428571' in stock
+    assert 'latency_seconds_bucket{le="0.001",route="/edges"} 3.0' in stock  # -1, 0 and 0.001 itself
+    assert 'latency_seconds_bucket{le="1.0",route="/edges"} 6.0' in stock
+    assert 'latency_seconds_bucket{le="+Inf",route="/edges"} 9.0' in stock  # NaN in no bucket
+    assert any(line.startswith("refused: histogram metric is missing label values") for line in stock), stock
     assert mapped == stock
     # The files themselves hold the same keys and values (the collector reads nothing else).
     from prometheus_client.mmap_dict import MmapedDict
 
     def entries(folder: Path) -> dict:
-        return {(path.name.split("_")[0], key): value for path in sorted(folder.glob("*.db"))
+        return {(path.name.split("_")[0], key): repr(value) for path in sorted(folder.glob("*.db"))
                 for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path))}
 
     assert entries(tmp_path / "mapped") == entries(tmp_path / "stock")
