@@ -10,8 +10,8 @@ and a folder that is read-only or deleted raises inside the request that creates
 - ``compact(folder, pid)`` runs in the gunicorn master when a worker exits: the dead worker's counters and histograms
   are added into one archive file per type and its files removed (its live gauges are dropped, as prometheus_client
   does), so the folder holds the live workers' files plus one archive, however many workers have lived;
-- ``MappedValue`` replaces its value class, and ``Histogram`` its histogram's observe, with ones that write the same files
-  for less per update (a request makes 38 updates, 14 of them observations);
+- ``MappedValue`` replaces its value class, and ``Histogram`` its histogram's observe, with ones that write the
+  same files for less per update (a request makes 38 updates, 14 of them observations);
 - ``collect(folder)`` reads the folder under a shared lock that compaction takes exclusively, so a scrape never sees
   a dead worker's counts twice or not at all.
 """
