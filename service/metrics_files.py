@@ -34,6 +34,8 @@ from prometheus_client import CollectorRegistry, generate_latest, values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from service.settings import prometheus_folder
+
 log = logging.getLogger("convserve")
 
 INITIAL_BYTES = 1 << 16  # prometheus_client's own starting size; a file doubles when full
@@ -218,7 +220,7 @@ class MappedValue:
         prefix = f"{typ}_{multiprocess_mode}" if typ == "gauge" else typ
         file = _files.get(prefix)
         if file is None:
-            folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ["prometheus_multiproc_dir"]
+            folder = prometheus_folder()
             file = _files[prefix] = GuardedFile(os.path.join(folder, f"{prefix}_{os.getpid()}.db"))
         self._file = file
         self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)

@@ -439,7 +439,8 @@ def prometheus_folder(environ: dict[str, str] | None = None) -> str:
     """The multiprocess metrics folder prometheus_client uses in this process, read from the environment as
     prometheus_client reads it: the gunicorn config sets it before any worker (to a private folder when the
     PROMETHEUS_MULTIPROC_DIR setting is empty); empty without gunicorn."""
-    return (os.environ if environ is None else environ).get("PROMETHEUS_MULTIPROC_DIR", "")
+    environ = os.environ if environ is None else environ
+    return environ.get("PROMETHEUS_MULTIPROC_DIR") or environ.get("prometheus_multiproc_dir", "")  # its old spelling
 
 
 def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
