@@ -122,6 +122,13 @@ def on_starting(server):
     server.log.info("metrics folder %s", folder)
 
 
+def pre_fork(server, worker):
+    """Each worker gets a slot of its own, the lowest one no live worker holds (a replaced worker takes its
+    predecessor's): with GRPC_CPU_AFFINITY, the slot names the CPU its gRPC threads keep to (service/worker.py)."""
+    taken = {getattr(sibling, "slot", None) for sibling in server.WORKERS.values()}
+    worker.slot = next(slot for slot in range(len(taken) + 1) if slot not in taken)
+
+
 def post_worker_init(worker):
     """Accept connections only once this worker's models are loaded and warmed, so a restarted worker never
     answers 503 while its siblings serve. (SIGTERM and the drain: service/worker.py.)"""

@@ -176,6 +176,10 @@ class Settings:
                                     "(SO_REUSEPORT) on HOST; 0 = off", whole(0, 65535))
     GRPC_MAX_CALLS: int = _setting(96, "gRPC calls a worker handles at once, each on a thread of its own (inference "
                                        "ones then queue as REST's do); more get RESOURCE_EXHAUSTED at once", whole(1))
+    GRPC_CPU_AFFINITY: str = _setting("auto", "'auto': each worker's gRPC threads keep to a CPU of their own when "
+                                              "the workers have CPUs to themselves (an affinity mask of at least "
+                                              "WORKERS CPUs and no smaller cgroup CPU quota); 'off': never",
+                                      one_of("auto", "off"))
     HOST: str = _setting("0.0.0.0", "address gunicorn binds to",
                          text("an IP address or host name, e.g. 0.0.0.0 (every IPv4 interface) or 127.0.0.1", _host))
     MODEL_STORE: Path = _setting(REPO_MODEL_STORE, "folder of <name>/<version>/{model.onnx,inspect.onnx,metadata.json};"
@@ -337,6 +341,12 @@ class Settings:
         """Inference never runs on more threads than cores in total: each worker takes its share."""
         return self.INFERENCE_THREADS or max(1, available_cpus() // self.WORKERS)
 
+    def grpc_cpu(self, slot: int | None) -> int | None:
+        """The CPU the gRPC threads of the worker in ``slot`` (0 .. WORKERS-1) keep to, or None (GRPC_CPU_AFFINITY)."""
+        if self.GRPC_CPU_AFFINITY == "off" or slot is None:
+            return None
+        return cpu_of_worker(slot, self.WORKERS)
+
     @property
     def version_pins(self) -> dict[str, str]:
         """MODEL_VERSION_POLICY's pins: model name → version."""
@@ -457,6 +467,20 @@ def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int
     except (OSError, ValueError):
         pass
     return cpus
+
+
+def cpu_of_worker(slot: int, workers: int, cpus: list[int] | None = None, available: int | None = None) -> int | None:
+    """Worker ``slot``'s own CPU, when every worker can have one: the affinity mask holds at least ``workers`` CPUs and
+    no cgroup quota shares them with other work (a Kubernetes pod with exclusive cores, a VM, a bare host). In a pod
+    that gets a CPU limit on shared cores, a pinned thread could wait for its one CPU while others sit idle: None."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
+    except AttributeError:  # not on Linux
+        return None
+    available = available_cpus() if available is None else available
+    if workers > len(cpus) or available < len(cpus):
+        return None
+    return cpus[slot % len(cpus)]
 
 
 # ---- the README's table ---------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class ServingWorker(GeventWorker):
         settings = state.settings
         self.grpc = GrpcServer(state)
         try:
-            self.grpc.start(settings.HOST, settings.GRPC_PORT)
+            self.grpc.start(settings.HOST, settings.GRPC_PORT, cpu=settings.grpc_cpu(getattr(self, "slot", None)))
         except RuntimeError as exc:
             log.error("convserve: GRPC_PORT=%d cannot be bound on %s (%s): set another port, or 0 for no gRPC",
                       settings.GRPC_PORT, settings.HOST, exc)

@@ -286,3 +286,80 @@ def test_rest_and_grpc_at_once_share_batches_and_get_their_own_answers(tmp_path)
     finally:
         running.stop()
     assert "Traceback" not in running.log()
+
+
+def call_thread_cpus(pid: int) -> list[set[int]]:
+    """The CPU set of each of the worker's gRPC call threads (named grpc-call by service/grpc_server.py)."""
+    import os
+
+    cpus = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == "grpc-call":
+                cpus.append(os.sched_getaffinity(int(task.name)))
+        except (OSError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+    return cpus
+
+
+def calls_on_every_worker(running: GunicornServer) -> dict[int, list[set[int]]]:
+    """Calls over fresh channels (connections, spread over the workers by the kernel) until each worker has run one."""
+    def threads():
+        for _ in range(8):
+            with grpc.insecure_channel(running.grpc_target) as channel:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                triton.InferenceServerClient(running.grpc_target).is_server_live()
+        found = {pid: call_thread_cpus(pid) for pid in running.worker_pids()}
+        return found if len(found) == running.workers and all(found.values()) else None
+
+    return wait_until(threads, "a gRPC call thread in every worker", timeout=60, interval=0)
+
+
+def test_each_workers_grpc_threads_keep_to_a_cpu_of_their_own_and_a_replacement_takes_its_predecessors(tmp_path):
+    """GRPC_CPU_AFFINITY=auto: where the workers have CPUs to themselves (this machine: an affinity mask of at least
+    WORKERS CPUs, no smaller cgroup quota), each worker's call threads keep to one CPU, a different one per worker,
+    while its event loop (REST) keeps them all; a worker killed with -9 is replaced on the same CPU. Elsewhere the
+    threads keep every CPU."""
+    import os
+    import signal
+
+    from service.settings import cpu_of_worker
+
+    every = os.sched_getaffinity(0)
+    own = [cpu_of_worker(slot, 2) for slot in (0, 1)]
+    running = GunicornServer(tmp_path, grpc=True, WORKERS=2, MODEL_POLL_SECONDS=0)
+    try:
+        running.wait_ready()
+        threads = calls_on_every_worker(running)
+        if None in own:
+            assert all(cpus == every for found in threads.values() for cpus in found), threads
+            return
+        kept = {}
+        for pid, found in threads.items():
+            assert len({frozenset(cpus) for cpus in found}) == 1 and len(found[0]) == 1, (pid, found)
+            kept[pid] = next(iter(found[0]))
+            assert os.sched_getaffinity(pid) == every, "REST's event loop must keep every CPU"
+        assert sorted(kept.values()) == sorted(own), kept
+        victim = next(iter(kept))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in running.worker_pids() and len(running.worker_pids()) == 2,
+                   "the replacement worker")
+        running.wait_ready()
+        replaced = calls_on_every_worker(running)
+        new = (set(replaced) - set(kept)).pop()
+        assert {frozenset(cpus) for cpus in replaced[new]} == {frozenset({kept[victim]})}, replaced
+    finally:
+        running.stop()
+
+
+def test_grpc_cpu_affinity_off_leaves_the_threads_every_cpu(tmp_path):
+    import os
+
+    running = GunicornServer(tmp_path, grpc=True, WORKERS=1, MODEL_POLL_SECONDS=0, GRPC_CPU_AFFINITY="off")
+    try:
+        running.wait_ready()
+        threads = calls_on_every_worker(running)
+        assert all(cpus == os.sched_getaffinity(0) for found in threads.values() for cpus in found), threads
+    finally:
+        running.stop()
+    assert "its threads on CPU" not in running.log()

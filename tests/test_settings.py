@@ -59,7 +59,7 @@ def test_values_are_parsed_and_normalized():
     ("HOST", "127.0.0.1"), ("HOST", "::"), ("HOST", "localhost"), ("HOST", "convserve.ml-serving.svc"),
     ("DEFAULT_MODEL", "convnet-fast"), ("DEFAULT_MODEL", "lenet_2.1"),
     ("MODEL_VERSION_POLICY", "latest"), ("MODEL_VERSION_POLICY", "convnet=4, lenet=1"),
-    ("PRECISION", "int8"), ("PRECISION", "fp32"),
+    ("PRECISION", "int8"), ("PRECISION", "fp32"), ("GRPC_CPU_AFFINITY", "OFF"), ("GRPC_CPU_AFFINITY", "auto"),
     ("API_KEYS", "one, two"), ("API_KEYS_FILE", "/etc/convserve/api-keys/keys"),
     ("DRAIN_SECONDS", "29.5"), ("SHED_BACKOFF", "0"), ("KEEPALIVE", "1"),
     ("FORWARDED_ALLOW_IPS", "*"), ("FORWARDED_ALLOW_IPS", "10.0.0.0/8, 192.168.1.7,::1"),
@@ -76,7 +76,8 @@ BAD_VALUES = [
     ("PORT", "abc", "a whole number from 1 to 65535"), ("PORT", "0", "from 1 to 65535"),
     ("PORT", "65536", "from 1 to 65535"), ("PORT", "80.5", "whole number"),
     ("GRPC_PORT", "-1", "a whole number from 0 to 65535"), ("GRPC_PORT", "grpc", "from 0 to 65535"),
-    ("GRPC_MAX_CALLS", "0", "a whole number >= 1"), ("REPOSITORY_TIMEOUT", "0", "a number of seconds > 0"),
+    ("GRPC_MAX_CALLS", "0", "a whole number >= 1"), ("GRPC_CPU_AFFINITY", "on", "one of auto, off"),
+    ("REPOSITORY_TIMEOUT", "0", "a number of seconds > 0"),
     ("HOST", "not a host", "an IP address or host name"), ("HOST", "-bad-", "host name"),
     ("MODEL_STORE", " ", "a readable folder"),
     ("DEFAULT_MODEL", "../etc", "a model name"), ("DEFAULT_MODEL", ".hidden", "not starting with '.'"),
@@ -328,3 +329,14 @@ def test_python_m_service_settings_warns_of_an_old_name():
     assert "MAX_IMAGES_PER_INFERENCE=4" in result.stdout.splitlines()
     assert result.stderr.splitlines() == ['convserve: BATCH_IMAGES is deprecated and goes in the next release: it is '
                                           'MAX_IMAGES_PER_INFERENCE now (README "Configuration")']
+
+
+def test_a_worker_gets_a_cpu_of_its_own_only_where_the_workers_have_cpus_to_themselves():
+    from service.settings import cpu_of_worker
+
+    assert [cpu_of_worker(slot, 2, cpus=[0, 1], available=2) for slot in (0, 1)] == [0, 1]
+    assert [cpu_of_worker(slot, 2, cpus=[4, 7, 9], available=3) for slot in (0, 1)] == [4, 7]  # a cpuset
+    assert cpu_of_worker(0, 3, cpus=[0, 1], available=2) is None  # more workers than CPUs
+    assert cpu_of_worker(0, 2, cpus=list(range(16)), available=2) is None  # a CPU quota on shared cores
+    assert Settings.from_env({"GRPC_CPU_AFFINITY": "off"}, WORKERS=1).grpc_cpu(0) is None
+    assert Settings.from_env({}, WORKERS=1).grpc_cpu(None) is None  # a worker gunicorn gave no slot
