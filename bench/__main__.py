@@ -39,7 +39,7 @@ from PIL import Image
 from bench.inprocess import in_process_worker
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients
 from bench.overhead import answer_encoding, overhead_cases, tracing_cost
-from bench.protocols import compare, grpc_overload, run_rest
+from bench.protocols import affinity_rows, compare, grpc_overload, run_rest
 from bench.soak import soak
 from service.model import OnnxModel
 from service.settings import Settings, available_cpus
@@ -225,6 +225,7 @@ def protocol_cases(work: Path, images, args) -> dict:
     try:
         server.wait_ready()
         rows = compare(work / "protocols", server, args.model, images, connections_of(args), args.seconds)
+        affinity = grpc_affinity_cases(work, server, images, args)
         photo = images["1920x1080 JPEG"][0]
         seconds = max(10, args.seconds)
         with HealthProbe(server.port, settle_s=2.0) as probe:  # the same flood over REST first, wrk's 2 s time-out
@@ -240,9 +241,26 @@ def protocol_cases(work: Path, images, args) -> dict:
         print(f"  gRPC overload, {flood['outstanding']} calls in flight, 1920x1080 JPEG, {flood['deadline_s']:g} s "
               f"deadline: {flood['outcomes']}; shed p50 {flood['shed_p50_ms']} ms, p99 {flood['shed_p99_ms']} ms; "
               f"/healthz p99 {flood['health']['/healthz']['p99_ms']} ms", flush=True)
-        return {"rows": rows, "overload": flood}
+        return {"rows": rows, "overload": flood, "grpc_cpu_affinity": affinity}
     finally:
         server.stop()
+
+
+def grpc_affinity_cases(work: Path, server: GunicornServer, images, args) -> dict:
+    """Why GRPC_CPU_AFFINITY: gRPC on the server above against one with it off, at 8 and 32 connections."""
+    pinned = Settings(WORKERS=args.workers).grpc_cpu(0) is not None
+    if not pinned:  # on this machine "auto" does not pin: both servers would be the same
+        print("  GRPC_CPU_AFFINITY: the workers do not have CPUs to themselves here; nothing to compare", flush=True)
+        return {"pinned": False, "rows": []}
+    unpinned = GunicornServer(work / "protocols", grpc=True, WORKERS=args.workers, GRPC_CPU_AFFINITY="off")
+    try:
+        unpinned.wait_ready()
+        counts = [count for count in connections_of(args) if count > 1]
+        rows = affinity_rows(work / "protocols", {"auto": server, "off": unpinned}, args.model, images, counts,
+                             args.seconds)
+    finally:
+        unpinned.stop()
+    return {"pinned": True, "rows": rows}
 
 
 def connections_of(args) -> list[int]:
@@ -441,6 +459,9 @@ def print_table(results: dict) -> None:
             print(f"| {row['image']} | {row['connections']} | {rest['ok_per_s']:.0f} | {rest['p50_ms']:.2f} | "
                   f"{over_grpc['ok_per_s']:.0f} | {over_grpc['p50_ms']:.2f} | {over_grpc['failed']} | "
                   f"{row['grpc_over_rest']:.2f} |")
+        for row in results["protocols"].get("grpc_cpu_affinity", {}).get("rows", []):
+            print(f"gRPC {row['image']} c={row['connections']}: GRPC_CPU_AFFINITY=auto {row['auto']['ok_per_s']:.0f} "
+                  f"ok/s, off {row['off']['ok_per_s']:.0f} ok/s (x{row['auto_over_off']:.2f})")
         flood = results["protocols"]["overload"]
         print(f"gRPC overload ({flood['outstanding']} calls in flight, 1920x1080 JPEG, {flood['deadline_s']:g} s "
               f"deadlines): {flood['outcomes']}, {flood['deadline_exceeded']} past their deadline; RESOURCE_EXHAUSTED "

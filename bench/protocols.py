@@ -153,6 +153,31 @@ def compare(work: Path, server, model: str, images: dict[str, tuple[bytes, str]]
     return rows
 
 
+def affinity_rows(work: Path, servers: dict, model: str, images: dict[str, tuple[bytes, str]], connections: list[int],
+                  seconds: int, repeats: int = 3) -> list[dict]:
+    """gRPC alone on two servers alike but for GRPC_CPU_AFFINITY ("auto" and "off"): ``repeats`` pairs of runs per
+    image and concurrency, every other pair in reverse order; the median run of each, and auto / off."""
+    if shutil.which("h2load") is None:
+        return []
+    rows = []
+    for label, (image, _) in images.items():
+        for count in connections:
+            runs = {name: [] for name in servers}
+            for repeat in range(repeats):
+                for name in (list(servers) if repeat % 2 == 0 else list(servers)[::-1]):
+                    server = servers[name]
+                    runs[name].append(measured(run_grpc, server, work, server, model, image, count, seconds))
+            best = {name: median_run(runs[name]) for name in servers}
+            ratio = best["auto"]["ok_per_s"] / best["off"]["ok_per_s"] if best["off"]["ok_per_s"] else None
+            rows.append({"image": label, "connections": count, "runs": runs,
+                         **{name: best[name] for name in servers},
+                         "auto_over_off": round(ratio, 3) if ratio else None})
+            print(f"  gRPC {label} c={count}: GRPC_CPU_AFFINITY=auto {best['auto']['ok_per_s']:.0f} ok/s, server CPU "
+                  f"{best['auto']['server_cpu_ms_per_ok']} ms/answer | off {best['off']['ok_per_s']:.0f} ok/s, "
+                  f"{best['off']['server_cpu_ms_per_ok']} ms/answer | auto/off {ratio or 0:.2f}", flush=True)
+    return rows
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median successful answers per second."""
     return sorted(runs, key=lambda run: run["ok_per_s"])[len(runs) // 2]
