@@ -79,6 +79,7 @@ class GrpcServer:
             "ModelReady": (pb.ModelReadyRequest, self.model_ready, True),
             "ServerMetadata": (pb.ServerMetadataRequest, self.server_metadata, True),
             "ModelMetadata": (pb.ModelMetadataRequest, self.model_metadata, True),
+            "ModelConfig": (pb.ModelConfigRequest, self.model_config, True),
             "ModelInfer": (pb.ModelInferRequest, self.model_infer, True),
             "ModelStatistics": (pb.ModelStatisticsRequest, self.model_statistics, True),
             "RepositoryIndex": (pb.RepositoryIndexRequest, self.repository_index, True),
@@ -214,6 +215,14 @@ class GrpcServer:
             inputs=[tensor(name=model.input_name, datatype="FP32", shape=model.input_shape),
                     tensor(name=oip.ENCODED_INPUT, datatype="BYTES", shape=[-1])],
             outputs=[tensor(**output) for output in oip.output_metadata(model)])
+
+    def model_config(self, request, size: int, context):
+        model = self.state.registry.get(_required(request.name, "name"), request.version or None)
+        config = oip.model_config(model)
+        return pb.ModelConfigResponse(config=pb.ModelConfig(
+            **{key: value for key, value in config.items() if key not in ("input", "output")},
+            input=[pb.ModelInput(**tensor) for tensor in config["input"]],
+            output=[pb.ModelOutput(**tensor) for tensor in config["output"]]))
 
     def model_infer(self, request, size: int, context):
         state = self.state

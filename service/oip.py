@@ -22,7 +22,7 @@ from service.payload import check_batch_size, decode_base64
 
 DATATYPES = {"FP32": np.float32, "BYTES": object}
 # What server metadata announces, over REST and gRPC alike.
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
 ENCODED_INPUT = "image"  # the BYTES input: not in the ONNX graph, so its name is the service's own
 # The largest |value| an FP32 input may hold: preprocessed images lie within a few units of 0, and inputs around 1e16
 # overflowed the shipped networks to NaN.
@@ -63,6 +63,24 @@ def output_metadata(model) -> list[dict]:
     """The outputs a model answers with, as /v2/models/{name} describes them."""
     return [{"name": output.name, "datatype": output.datatype, "shape": [-1, *_per_image(output, model)]}
             for output in contract.OUTPUTS]
+
+
+# The protocol's datatypes as Triton's model configuration names them.
+CONFIG_TYPES = {"FP32": "TYPE_FP32", "BOOL": "TYPE_BOOL", "BYTES": "TYPE_STRING"}
+
+
+def model_config(model) -> dict:
+    """Triton's model configuration extension (GET /v2/models/{name}/config, gRPC ModelConfig), which
+    perf_analyzer and tritonclient's get_model_config read. ``max_batch_size`` 0: every shape carries its own batch
+    dimension, -1, as in the metadata (requests waiting together still share one ONNX Runtime call). Both inputs are
+    optional: a request sends one of them."""
+    return {
+        "name": model.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime", "max_batch_size": 0,
+        "input": [{"name": model.input_name, "data_type": "TYPE_FP32", "dims": model.input_shape, "optional": True},
+                  {"name": ENCODED_INPUT, "data_type": "TYPE_STRING", "dims": [-1], "optional": True}],
+        "output": [{"name": output["name"], "data_type": CONFIG_TYPES[output["datatype"]], "dims": output["shape"]}
+                   for output in output_metadata(model)],
+    }
 
 
 def _per_image(output: contract.Output, model) -> list[int]:

@@ -74,6 +74,10 @@ def _one(name: str, version: str, samples: dict[str, list]) -> dict:
     inference_stats = {"success": duration(requests, outcome="success"), "fail": duration(requests, outcome="fail")}
     for stage in metrics.STAGES:
         inference_stats[stage] = duration(stages, stage=stage)
+    # The three compute stages are observed together per request (service/pipeline.py); one count for all three, so
+    # a read that lands between those observations (other workers' files are read one by one) is not torn.
+    for stage in ("compute_infer", "compute_output"):
+        inference_stats[stage]["count"] = inference_stats["compute_input"]["count"]
     inference_stats.update(cache_hit={"count": 0, "ns": 0}, cache_miss={"count": 0, "ns": 0})
     executions = f"{metrics.PREFIX}_model_executions_total"
     batch_stats = []

@@ -30,7 +30,7 @@ def test_server_and_health(client):
     assert client.get("/v2").get_json() == {
         "name": "convserve",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data", "classification", "model_repository", "statistics"],
+        "extensions": ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"],
     }
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").get_json() == {"ready": True}
@@ -41,7 +41,8 @@ def test_server_and_health(client):
 def test_model_metadata(client):
     body = client.get("/v2/models/lenet").get_json()
     assert body["name"] == "lenet" and "3" in body["versions"]
-    assert body["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert body["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+                              {"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 4]},
                                {"name": "domain_score", "datatype": "FP32", "shape": [-1]},
                                {"name": "in_domain", "datatype": "BOOL", "shape": [-1]}]

@@ -78,9 +78,36 @@ def test_health_and_metadata(server):
     assert model["versions"] == rest["versions"] and model["platform"] == rest["platform"]
     assert model["outputs"] == [{**o, "shape": [str(d) for d in o["shape"]]} for o in rest["outputs"]]
     assert [i["name"] for i in model["inputs"]] == ["input", "image"]
+    assert model["inputs"] == [{**i, "shape": [str(d) for d in i["shape"]]} for i in rest["inputs"]]
     with pytest.raises(InferenceServerException) as unknown:
         client.get_model_metadata("nosuchmodel")
     assert "StatusCode.NOT_FOUND" in unknown.value.status() and "Available models" in unknown.value.message()
+
+
+def test_model_configuration_as_triton_gives_it_over_both_protocols(server):
+    """Triton's model configuration extension, which perf_analyzer reads before it sends a request: the same
+    configuration from tritonclient.grpc and tritonclient.http, both inputs optional, the metadata's shapes."""
+    import tritonclient.http as triton_http
+    from google.protobuf.json_format import MessageToDict
+
+    over_grpc = triton.InferenceServerClient(server.grpc_target).get_model_config("convnet", "7").config
+    config = {"max_batch_size": 0, **MessageToDict(over_grpc, preserving_proto_field_name=True)}  # 0: not sent
+    for tensor in config["input"] + config["output"]:
+        tensor["dims"] = [int(d) for d in tensor["dims"]]  # int64 travels as a string in protobuf's JSON
+    over_http = triton_http.InferenceServerClient(server.url.removeprefix("http://")).get_model_config("convnet")
+    assert config == over_http
+    metadata = requests.get(f"{server.url}/v2/models/convnet", timeout=10).json()
+    assert over_http["max_batch_size"] == 0 and over_http["platform"] == metadata["platform"]
+    types = {"FP32": "TYPE_FP32", "BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL"}
+    assert over_http["input"] == [{"name": i["name"], "data_type": types[i["datatype"]], "dims": i["shape"],
+                                   "optional": True} for i in metadata["inputs"]]
+    assert over_http["output"] == [{"name": o["name"], "data_type": types[o["datatype"]], "dims": o["shape"]}
+                                   for o in metadata["outputs"]]
+    assert "model_configuration" in triton.InferenceServerClient(server.grpc_target).get_server_metadata().extensions
+    with pytest.raises(InferenceServerException) as unknown:
+        triton.InferenceServerClient(server.grpc_target).get_model_config("nosuchmodel")
+    assert "StatusCode.NOT_FOUND" in unknown.value.status()
+    assert requests.get(f"{server.url}/v2/models/nosuchmodel/config", timeout=10).status_code == 404
 
 
 def test_infer_bytes_and_fp32_give_rests_answers(server):

@@ -316,8 +316,8 @@ _PATH_PARAMETERS = {"name": "ModelName", "version": "ModelVersion"}
 _MODELS = tuple(getattr(schemas, name) for name in (
     "Error", "V2Error", "Liveness", "Unhealthy", "Readiness", "NotReadyStatus", "ClassifyResponse", "ImagesRequest",
     "InspectResponse", "FiltersResponse", "VersionDescription", "ModelDescription", "ModelList", "ServerMetadata",
-    "ServerLive", "ServerReady", "ModelReady", "ModelMetadataResponse", "InferenceResponse", "InferenceRequest",
-    "ModelStatisticsList", "RepositoryIndexRequest", "RepositoryIndex", "RepositoryAnswer"))
+    "ServerLive", "ServerReady", "ModelReady", "ModelMetadataResponse", "ModelConfigResponse", "InferenceResponse",
+    "InferenceRequest", "ModelStatisticsList", "RepositoryIndexRequest", "RepositoryIndex", "RepositoryAnswer"))
 
 
 def _model_schemas() -> dict[str, dict]:

@@ -364,6 +364,35 @@ class ModelMetadataResponse(Body):
     parameters: ModelMetadataResponseParameters
 
 
+ConfigType = Literal["TYPE_FP32", "TYPE_STRING", "TYPE_BOOL"]
+ConfigDims = list[Annotated[int, Field(ge=-1)]]
+
+
+class ModelConfigInput(Body):
+    name: str
+    data_type: ConfigType
+    dims: ConfigDims = Field(description="The whole shape, -1 for the batch (max_batch_size is 0).")
+    optional: Literal[True] = Field(description="A request sends one of the two inputs.")
+
+
+class ModelConfigOutput(Body):
+    name: OutputName
+    data_type: ConfigType
+    dims: ConfigDims
+
+
+class ModelConfigResponse(Body):
+    """Triton's model configuration (its model_config.proto as JSON), the fields perf_analyzer reads."""
+
+    name: str
+    platform: Literal["onnxruntime_onnx"]
+    backend: Literal["onnxruntime"]
+    max_batch_size: Literal[0] = Field(description="0: shapes carry their own batch dimension, -1; requests waiting "
+                                                   "together are still batched into one ONNX Runtime call.")
+    input: list[ModelConfigInput]
+    output: list[ModelConfigOutput]
+
+
 class OutputParameters(Body):
     binary_data_size: int = Field(ge=0, description="Bytes of this output in the binary part.")
 

@@ -15,6 +15,7 @@ from service.api import encoded, reply, state
 from service.api.openapi import Reply, documented
 from service.api.schemas import (
     InferenceResponse,
+    ModelConfigResponse,
     ModelMetadataResponse,
     ModelReady,
     ModelStatisticsList,
@@ -26,13 +27,14 @@ from service.api.schemas import (
 )
 from service.errors import InvalidJSON, NotReady
 from service.inputs import request_body
-from service.oip import ENCODED_INPUT, EXTENSIONS, output_metadata
+from service.oip import ENCODED_INPUT, EXTENSIONS, model_config, output_metadata
 from service.payload import parse_json
 from service.registry import describe_verification
 from service.statistics import model_statistics, versions_covered
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
+ENCODED_TENSOR = {"name": ENCODED_INPUT, "datatype": "BYTES", "shape": [-1]}
 
 
 @blueprint.get("")
@@ -62,8 +64,10 @@ def ready():
 
 @blueprint.get("/models/<name>")
 @blueprint.get("/models/<name>/versions/<version>")
-@documented("Model metadata", "Inputs, outputs, labels and loaded versions. The declared input is FP32 [-1, 3, H, W]; "
-            "`parameters.alternative_input` is the BYTES [-1] input of encoded images.", tags=["inference"],
+@documented("Model metadata", "Inputs, outputs, labels and loaded versions. The inputs are FP32 [-1, 3, H, W] "
+            "(preprocessed) and BYTES [-1] (encoded images); a request sends one of them. "
+            "`parameters.alternative_input` repeats the BYTES one, for clients written before it was listed.",
+            tags=["inference"],
             responses={200: ModelMetadataResponse}, errors=(404, 503))
 def model_metadata(name: str, version: str | None = None):
     registry = state().registry
@@ -72,13 +76,22 @@ def model_metadata(name: str, version: str | None = None):
         name=model.name,
         versions=registry.loaded_versions(model.name),
         platform="onnxruntime_onnx",
-        inputs=[{"name": model.input_name, "datatype": "FP32", "shape": model.input_shape}],
+        inputs=[{"name": model.input_name, "datatype": "FP32", "shape": model.input_shape}, ENCODED_TENSOR],
         outputs=output_metadata(model),
-        parameters={"labels": model.labels, "alternative_input": {"name": ENCODED_INPUT, "datatype": "BYTES",
-                                                                  "shape": [-1]},
+        parameters={"labels": model.labels, "alternative_input": ENCODED_TENSOR,
                     "precision": model.precision, "precision_reason": model.refusal,
                     "verification": describe_verification(model)},
     ))
+
+
+@blueprint.get("/models/<name>/config")
+@blueprint.get("/models/<name>/versions/<version>/config")
+@documented("Model configuration", "Triton's model configuration extension, as perf_analyzer and tritonclient's "
+            "`get_model_config` read it: both inputs (optional: a request sends one), the outputs, and "
+            "`max_batch_size` 0 (the shapes carry their batch dimension, -1).", tags=["inference"],
+            responses={200: ModelConfigResponse}, errors=(404, 503))
+def model_configuration(name: str, version: str | None = None):
+    return reply(ModelConfigResponse, model_config(state().registry.get(name, version)))
 
 
 @blueprint.get("/models/<name>/ready")
