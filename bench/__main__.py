@@ -39,7 +39,7 @@ from PIL import Image
 from bench.inprocess import in_process_worker
 from bench.load import HealthProbe, Tricklers, Wrk, readiness_honouring_clients
 from bench.overhead import answer_encoding, overhead_cases, tracing_cost
-from bench.protocols import affinity_rows, compare, grpc_overload, run_rest
+from bench.protocols import affinity_rows, compare, grpc_overload, perf_analyzer, perf_analyzer_rows, run_rest
 from bench.soak import soak
 from service.model import OnnxModel
 from service.settings import Settings, available_cpus
@@ -226,6 +226,13 @@ def protocol_cases(work: Path, images, args) -> dict:
         server.wait_ready()
         rows = compare(work / "protocols", server, args.model, images, connections_of(args), args.seconds)
         affinity = grpc_affinity_cases(work, server, images, args)
+        found = perf_analyzer()
+        if isinstance(found, str):
+            print(f"  perf_analyzer rows skipped: {found}", flush=True)
+            triton_client = []
+        else:  # the client Triton's users measure with, the same one for both protocols
+            counts = [count for count in connections_of(args) if count > 1]
+            triton_client = perf_analyzer_rows(work / "protocols", server, args.model, images, counts, args.seconds)
         photo = images["1920x1080 JPEG"][0]
         seconds = max(10, args.seconds)
         with HealthProbe(server.port, settle_s=2.0) as probe:  # the same flood over REST first, wrk's 2 s time-out
@@ -241,7 +248,7 @@ def protocol_cases(work: Path, images, args) -> dict:
         print(f"  gRPC overload, {flood['outstanding']} calls in flight, 1920x1080 JPEG, {flood['deadline_s']:g} s "
               f"deadline: {flood['outcomes']}; shed p50 {flood['shed_p50_ms']} ms, p99 {flood['shed_p99_ms']} ms; "
               f"/healthz p99 {flood['health']['/healthz']['p99_ms']} ms", flush=True)
-        return {"rows": rows, "overload": flood, "grpc_cpu_affinity": affinity}
+        return {"rows": rows, "overload": flood, "grpc_cpu_affinity": affinity, "perf_analyzer": triton_client}
     finally:
         server.stop()
 
@@ -459,6 +466,9 @@ def print_table(results: dict) -> None:
             print(f"| {row['image']} | {row['connections']} | {rest['ok_per_s']:.0f} | {rest['p50_ms']:.2f} | "
                   f"{over_grpc['ok_per_s']:.0f} | {over_grpc['p50_ms']:.2f} | {over_grpc['failed']} | "
                   f"{row['grpc_over_rest']:.2f} |")
+        for row in results["protocols"].get("perf_analyzer", []):
+            print(f"perf_analyzer {row['image']} c={row['connections']}: REST {row['rest']['ok_per_s']:.0f}, gRPC "
+                  f"{row['grpc']['ok_per_s']:.0f} infer/s (x{row['grpc_over_rest']:.2f})")
         for row in results["protocols"].get("grpc_cpu_affinity", {}).get("rows", []):
             print(f"gRPC {row['image']} c={row['connections']}: GRPC_CPU_AFFINITY=auto {row['auto']['ok_per_s']:.0f} "
                   f"ok/s, off {row['off']['ok_per_s']:.0f} ok/s (x{row['auto_over_off']:.2f})")

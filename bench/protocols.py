@@ -12,12 +12,14 @@ convserve_requests_total{protocol="grpc", status="200"} over the run.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import statistics
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import requests
@@ -175,6 +177,78 @@ def affinity_rows(work: Path, servers: dict, model: str, images: dict[str, tuple
             print(f"  gRPC {label} c={count}: GRPC_CPU_AFFINITY=auto {best['auto']['ok_per_s']:.0f} ok/s, server CPU "
                   f"{best['auto']['server_cpu_ms_per_ok']} ms/answer | off {best['off']['ok_per_s']:.0f} ok/s, "
                   f"{best['off']['server_cpu_ms_per_ok']} ms/answer | auto/off {ratio or 0:.2f}", flush=True)
+    return rows
+
+
+def perf_analyzer() -> tuple[list[str], dict[str, str]] | str:
+    """Triton's perf_analyzer, as the tritonclient wheel ships it, with the environment it starts in: it links
+    libcudart.so.12 (pip's nvidia-cuda-runtime-cu12, put on its library path) and libb64 (apt libb64-0d); it never
+    uses a GPU here. Or why it cannot start."""
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    if not binary.exists():
+        return f"{binary} is missing (pip install 'tritonclient[all]')"
+    env = dict(os.environ)
+    try:
+        import nvidia.cuda_runtime
+
+        library = Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(library), env.get("LD_LIBRARY_PATH")]))
+    except ImportError:
+        pass
+    started = subprocess.run([str(binary), "--help"], env=env, capture_output=True, text=True)
+    if "error while loading shared libraries" in started.stderr:
+        return started.stderr.strip().splitlines()[-1] + " (apt libb64-0d; pip nvidia-cuda-runtime-cu12)"
+    return [str(binary)], env
+
+
+def run_perf_analyzer(work: Path, server, protocol: str, model: str, image: bytes, connections: int,
+                      seconds: int) -> dict:
+    """perf_analyzer at ``connections`` concurrent requests of one BYTES image, over ``protocol`` (grpc or http):
+    three measurement windows of seconds/3 each (stability not required: the pairs are compared, not each run)."""
+    found = perf_analyzer()
+    if isinstance(found, str):
+        raise RuntimeError(f"perf_analyzer cannot start: {found}")
+    command, env = found
+    element = base64.b64encode(struct.pack("<I", len(image)) + image).decode()  # a serialized BYTES tensor
+    (work / "perf_analyzer.json").write_text(json.dumps({"data": [{"image": {"b64": element, "shape": [1]}}]}))
+    report = work / f"perf_analyzer-{protocol}.csv"
+    report.unlink(missing_ok=True)
+    target = server.grpc_target if protocol == "grpc" else server.url.removeprefix("http://")
+    window_ms = max(500, seconds * 1000 // 3)
+    ran = subprocess.run([*command, "-m", model, "-i", protocol, "-u", target, "--input-data",
+                          str(work / "perf_analyzer.json"), "--shape", "image:1", "--concurrency-range",
+                          str(connections), "--measurement-interval", str(window_ms), "--max-trials", "3",
+                          "--stability-percentage", "100", "-f", str(report)],
+                         env=env, capture_output=True, text=True, timeout=60 + 10 * seconds)
+    if ran.returncode != 0 or not report.exists():
+        raise RuntimeError(f"perf_analyzer failed ({ran.returncode}): {(ran.stdout + ran.stderr)[-600:]}")
+    header, row = report.read_text().splitlines()[:2]
+    values = dict(zip(header.split(","), row.split(",")))
+    return {"ok_per_s": float(values["Inferences/Second"]), "p50_ms": int(values["p50 latency"]) / 1000,
+            "p99_ms": int(values["p99 latency"]) / 1000}
+
+
+def perf_analyzer_rows(work: Path, server, model: str, images: dict[str, tuple[bytes, str]], connections: list[int],
+                       seconds: int, repeats: int = 3) -> list[dict]:
+    """gRPC and REST driven by one client, Triton's perf_analyzer: ``repeats`` pairs per image and concurrency,
+    every other pair in reverse order; the median run of each and gRPC / REST."""
+    rows = []
+    for label, (image, _) in images.items():
+        for count in connections:
+            runs = {"http": [], "grpc": []}
+            for repeat in range(repeats):
+                for protocol in (("http", "grpc") if repeat % 2 == 0 else ("grpc", "http")):
+                    runs[protocol].append(run_perf_analyzer(work, server, protocol, model, image, count, seconds))
+            best = {protocol: median_run(runs[protocol]) for protocol in runs}
+            ratio = best["grpc"]["ok_per_s"] / best["http"]["ok_per_s"] if best["http"]["ok_per_s"] else None
+            ratios = sorted(g["ok_per_s"] / r["ok_per_s"] for r, g in zip(runs["http"], runs["grpc"]))
+            rows.append({"image": label, "connections": count, "runs": runs, "rest": best["http"],
+                         "grpc": best["grpc"], "grpc_over_rest": round(ratio, 3) if ratio else None,
+                         "ratios_of_pairs": [round(value, 3) for value in ratios]})
+            print(f"  perf_analyzer {label} c={count}: REST {best['http']['ok_per_s']:.0f} infer/s p50 "
+                  f"{best['http']['p50_ms']:.2f} ms | gRPC {best['grpc']['ok_per_s']:.0f} infer/s p50 "
+                  f"{best['grpc']['p50_ms']:.2f} ms | gRPC/REST {ratio or 0:.2f} (pairs {rows[-1]['ratios_of_pairs']})",
+                  flush=True)
     return rows
 
 

@@ -35,6 +35,7 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -218,11 +219,7 @@ class GrpcServer:
 
     def model_config(self, request, size: int, context):
         model = self.state.registry.get(_required(request.name, "name"), request.version or None)
-        config = oip.model_config(model)
-        return pb.ModelConfigResponse(config=pb.ModelConfig(
-            **{key: value for key, value in config.items() if key not in ("input", "output")},
-            input=[pb.ModelInput(**tensor) for tensor in config["input"]],
-            output=[pb.ModelOutput(**tensor) for tensor in config["output"]]))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(oip.model_config(model), pb.ModelConfig()))
 
     def model_infer(self, request, size: int, context):
         state = self.state

@@ -74,13 +74,13 @@ def model_config(model) -> dict:
     perf_analyzer and tritonclient's get_model_config read. ``max_batch_size`` 0: every shape carries its own batch
     dimension, -1, as in the metadata (requests waiting together still share one ONNX Runtime call). Both inputs are
     optional: a request sends one of them."""
-    return {
-        "name": model.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime", "max_batch_size": 0,
-        "input": [{"name": model.input_name, "data_type": "TYPE_FP32", "dims": model.input_shape, "optional": True},
-                  {"name": ENCODED_INPUT, "data_type": "TYPE_STRING", "dims": [-1], "optional": True}],
-        "output": [{"name": output["name"], "data_type": CONFIG_TYPES[output["datatype"]], "dims": output["shape"]}
-                   for output in output_metadata(model)],
-    }
+    return dict(  # Triton's field names ("input" is the list of inputs, not the tensor of that name)
+        name=model.name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0,
+        input=[{"name": model.input_name, "data_type": "TYPE_FP32", "dims": model.input_shape, "optional": True},
+               {"name": ENCODED_INPUT, "data_type": "TYPE_STRING", "dims": [-1], "optional": True}],
+        output=[{"name": output["name"], "data_type": CONFIG_TYPES[output["datatype"]], "dims": output["shape"]}
+                for output in output_metadata(model)],
+    )
 
 
 def _per_image(output: contract.Output, model) -> list[int]:

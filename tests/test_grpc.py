@@ -192,6 +192,19 @@ def test_repository_index_unload_and_load(server):
     assert "NOT_FOUND" in missing.value.status()
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_triton_perf_analyzer_measures_either_protocol(server, tmp_path, protocol):
+    """Triton's perf_analyzer (from the tritonclient wheel) reads the metadata, the model configuration and the
+    statistics, then sends BYTES images at 4 concurrent requests: every request answered (it stops at the first
+    error, and at statistics whose compute counts disagree)."""
+    from bench.protocols import perf_analyzer, run_perf_analyzer
+
+    found = perf_analyzer()
+    assert not isinstance(found, str), f"perf_analyzer cannot start: {found}"
+    measured = run_perf_analyzer(tmp_path, server, protocol, "convnet", IMAGES[0], 4, 2)
+    assert measured["ok_per_s"] > 0 and measured["p50_ms"] > 0, measured
+
+
 def test_standard_health_service(server):
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.grpc_target))
     for service in ("", "inference.GRPCInferenceService", "readiness", "liveness"):
