@@ -62,7 +62,9 @@ def server(tmp_path_factory):
     """A real gunicorn process of the service on a free port; yields its base URL."""
     port = free_port()
     gunicorn = Path(sys.executable).parent / "gunicorn"
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "WORKERS": "1", "MODEL_STORE": str(MODEL_STORE)}
+    # No gRPC: the page does not use it, and its default port may be taken by a server the developer runs.
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "WORKERS": "1", "MODEL_STORE": str(MODEL_STORE),
+           "GRPC_PORT": "0"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     models = shipped_models()
     if (env.get("DEFAULT_MODEL") or Settings().DEFAULT_MODEL) not in models:
