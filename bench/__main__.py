@@ -225,14 +225,15 @@ def protocol_cases(work: Path, images, args) -> dict:
     try:
         server.wait_ready()
         rows = compare(work / "protocols", server, args.model, images, connections_of(args), args.seconds)
-        affinity = grpc_affinity_cases(work, server, images, args)
-        found = perf_analyzer()
-        if isinstance(found, str):
-            print(f"  perf_analyzer rows skipped: {found}", flush=True)
+        concurrent = [count for count in connections_of(args) if count > 1]
+        affinity = grpc_affinity_cases(work, server, images, concurrent, args)
+        tool = perf_analyzer()
+        if isinstance(tool, str):
+            print(f"  perf_analyzer rows skipped: {tool}", flush=True)
             triton_client = []
         else:  # the client Triton's users measure with, the same one for both protocols
-            counts = [count for count in connections_of(args) if count > 1]
-            triton_client = perf_analyzer_rows(work / "protocols", server, args.model, images, counts, args.seconds)
+            triton_client = perf_analyzer_rows(tool, work / "protocols", server, args.model, images, concurrent,
+                                               args.seconds)
         photo = images["1920x1080 JPEG"][0]
         seconds = max(10, args.seconds)
         with HealthProbe(server.port, settle_s=2.0) as probe:  # the same flood over REST first, wrk's 2 s time-out
@@ -253,7 +254,7 @@ def protocol_cases(work: Path, images, args) -> dict:
         server.stop()
 
 
-def grpc_affinity_cases(work: Path, server: GunicornServer, images, args) -> dict:
+def grpc_affinity_cases(work: Path, server: GunicornServer, images, counts: list[int], args) -> dict:
     """Why GRPC_CPU_AFFINITY: gRPC on the server above against one with it off, at 8 and 32 connections."""
     pinned = Settings(WORKERS=args.workers).grpc_cpu(0) is not None
     if not pinned:  # on this machine "auto" does not pin: both servers would be the same
@@ -262,7 +263,6 @@ def grpc_affinity_cases(work: Path, server: GunicornServer, images, args) -> dic
     unpinned = GunicornServer(work / "protocols", grpc=True, WORKERS=args.workers, GRPC_CPU_AFFINITY="off")
     try:
         unpinned.wait_ready()
-        counts = [count for count in connections_of(args) if count > 1]
         rows = affinity_rows(work / "protocols", {"auto": server, "off": unpinned}, args.model, images, counts,
                              args.seconds)
     finally:

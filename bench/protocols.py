@@ -13,6 +13,7 @@ convserve_requests_total{protocol="grpc", status="200"} over the run.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import statistics
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -124,6 +126,24 @@ def run_grpc(work: Path, server, model: str, image: bytes, connections: int, sec
             "h2load": output.strip().splitlines()[-1] if output.strip() else ""}
 
 
+def alternating_pairs(sides: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+    """``repeats`` rounds of one run of each side, every other round in reverse order (neither side always goes
+    first: this machine's throughput wanders by several per cent from one run to the next); each side's runs."""
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    for repeat in range(repeats):
+        for name in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
+            runs[name].append(sides[name]())
+    return runs
+
+
+def medians_and_ratio(runs: dict[str, list[dict]], over: str, under: str) -> tuple[dict, float | None, list[float]]:
+    """Each side's median run, the ratio of the medians' ok/s (``over`` / ``under``) and each pair's ratio, sorted."""
+    best = {name: median_run(side) for name, side in runs.items()}
+    ratio = best[over]["ok_per_s"] / best[under]["ok_per_s"] if best[under]["ok_per_s"] else None
+    pairs = sorted(a["ok_per_s"] / b["ok_per_s"] for a, b in zip(runs[over], runs[under]) if b["ok_per_s"])
+    return best, ratio, [round(value, 3) for value in pairs]
+
+
 def compare(work: Path, server, model: str, images: dict[str, tuple[bytes, str]], connections: list[int],
             seconds: int, repeats: int = 3) -> list[dict]:
     """Rows of REST and gRPC figures per image and concurrency: ``repeats`` pairs of runs, every other pair in
@@ -135,17 +155,13 @@ def compare(work: Path, server, model: str, images: dict[str, tuple[bytes, str]]
     rows = []
     for label, (image, _) in images.items():
         for count in connections:
-            runs = {"rest": [], "grpc": []}
-            for repeat in range(repeats):  # every other pair in reverse order: neither protocol always goes first
-                for protocol in (("rest", "grpc") if repeat % 2 == 0 else ("grpc", "rest")):
-                    run = run_rest if protocol == "rest" else run_grpc
-                    runs[protocol].append(measured(run, server, work, server, model, image, count, seconds))
-            rest, over_grpc = (median_run(runs[protocol]) for protocol in ("rest", "grpc"))
-            ratios = sorted(g["ok_per_s"] / r["ok_per_s"] for r, g in zip(runs["rest"], runs["grpc"]))
-            ratio = over_grpc["ok_per_s"] / rest["ok_per_s"] if rest["ok_per_s"] else None
+            runs = alternating_pairs({
+                protocol: functools.partial(measured, run, server, work, server, model, image, count, seconds)
+                for protocol, run in (("rest", run_rest), ("grpc", run_grpc))}, repeats)
+            best, ratio, pairs = medians_and_ratio(runs, "grpc", "rest")
+            rest, over_grpc = best["rest"], best["grpc"]
             rows.append({"image": label, "connections": count, "rest": rest, "grpc": over_grpc, "runs": runs,
-                         "grpc_over_rest": round(ratio, 3) if ratio else None,
-                         "ratios_of_pairs": [round(value, 3) for value in ratios]})
+                         "grpc_over_rest": round(ratio, 3) if ratio else None, "ratios_of_pairs": pairs})
             print(f"  /v2 infer {label} c={count}: REST {rest['ok_per_s']:.0f} ok/s p50 {rest['p50_ms']:.2f} ms, "
                   f"CPU/answer server {rest['server_cpu_ms_per_ok']} ms client {rest['client_cpu_ms_per_ok']} ms | "
                   f"gRPC {over_grpc['ok_per_s']:.0f} ok/s p50 {over_grpc['p50_ms'] or 0:.2f} ms, CPU/answer server "
@@ -164,13 +180,10 @@ def affinity_rows(work: Path, servers: dict, model: str, images: dict[str, tuple
     rows = []
     for label, (image, _) in images.items():
         for count in connections:
-            runs = {name: [] for name in servers}
-            for repeat in range(repeats):
-                for name in (list(servers) if repeat % 2 == 0 else list(servers)[::-1]):
-                    server = servers[name]
-                    runs[name].append(measured(run_grpc, server, work, server, model, image, count, seconds))
-            best = {name: median_run(runs[name]) for name in servers}
-            ratio = best["auto"]["ok_per_s"] / best["off"]["ok_per_s"] if best["off"]["ok_per_s"] else None
+            runs = alternating_pairs({
+                name: functools.partial(measured, run_grpc, server, work, server, model, image, count, seconds)
+                for name, server in servers.items()}, repeats)
+            best, ratio, _ = medians_and_ratio(runs, "auto", "off")
             rows.append({"image": label, "connections": count, "runs": runs,
                          **{name: best[name] for name in servers},
                          "auto_over_off": round(ratio, 3) if ratio else None})
@@ -201,14 +214,12 @@ def perf_analyzer() -> tuple[list[str], dict[str, str]] | str:
     return [str(binary)], env
 
 
-def run_perf_analyzer(work: Path, server, protocol: str, model: str, image: bytes, connections: int,
-                      seconds: int) -> dict:
-    """perf_analyzer at ``connections`` concurrent requests of one BYTES image, over ``protocol`` (grpc or http):
-    three measurement windows of seconds/3 each (stability not required: the pairs are compared, not each run)."""
-    found = perf_analyzer()
-    if isinstance(found, str):
-        raise RuntimeError(f"perf_analyzer cannot start: {found}")
-    command, env = found
+def run_perf_analyzer(tool: tuple[list[str], dict[str, str]], work: Path, server, protocol: str, model: str,
+                      image: bytes, connections: int, seconds: int) -> dict:
+    """perf_analyzer (``tool``: what perf_analyzer() found) at ``connections`` concurrent requests of one BYTES image,
+    over ``protocol`` (grpc or http): three measurement windows of seconds/3 each (stability not required: the pairs
+    are compared, not each run)."""
+    command, env = tool
     element = base64.b64encode(struct.pack("<I", len(image)) + image).decode()  # a serialized BYTES tensor
     (work / "perf_analyzer.json").write_text(json.dumps({"data": [{"image": {"b64": element, "shape": [1]}}]}))
     report = work / f"perf_analyzer-{protocol}.csv"
@@ -228,23 +239,21 @@ def run_perf_analyzer(work: Path, server, protocol: str, model: str, image: byte
             "p99_ms": int(values["p99 latency"]) / 1000}
 
 
-def perf_analyzer_rows(work: Path, server, model: str, images: dict[str, tuple[bytes, str]], connections: list[int],
-                       seconds: int, repeats: int = 3) -> list[dict]:
+def perf_analyzer_rows(tool: tuple[list[str], dict[str, str]], work: Path, server, model: str,
+                       images: dict[str, tuple[bytes, str]], connections: list[int], seconds: int,
+                       repeats: int = 3) -> list[dict]:
     """gRPC and REST driven by one client, Triton's perf_analyzer: ``repeats`` pairs per image and concurrency,
     every other pair in reverse order; the median run of each and gRPC / REST."""
     rows = []
     for label, (image, _) in images.items():
         for count in connections:
-            runs = {"http": [], "grpc": []}
-            for repeat in range(repeats):
-                for protocol in (("http", "grpc") if repeat % 2 == 0 else ("grpc", "http")):
-                    runs[protocol].append(run_perf_analyzer(work, server, protocol, model, image, count, seconds))
-            best = {protocol: median_run(runs[protocol]) for protocol in runs}
-            ratio = best["grpc"]["ok_per_s"] / best["http"]["ok_per_s"] if best["http"]["ok_per_s"] else None
-            ratios = sorted(g["ok_per_s"] / r["ok_per_s"] for r, g in zip(runs["http"], runs["grpc"]))
+            runs = alternating_pairs({
+                protocol: functools.partial(run_perf_analyzer, tool, work, server, protocol, model, image, count,
+                                            seconds) for protocol in ("http", "grpc")}, repeats)
+            best, ratio, pairs = medians_and_ratio(runs, "grpc", "http")
             rows.append({"image": label, "connections": count, "runs": runs, "rest": best["http"],
                          "grpc": best["grpc"], "grpc_over_rest": round(ratio, 3) if ratio else None,
-                         "ratios_of_pairs": [round(value, 3) for value in ratios]})
+                         "ratios_of_pairs": pairs})
             print(f"  perf_analyzer {label} c={count}: REST {best['http']['ok_per_s']:.0f} infer/s p50 "
                   f"{best['http']['p50_ms']:.2f} ms | gRPC {best['grpc']['ok_per_s']:.0f} infer/s p50 "
                   f"{best['grpc']['p50_ms']:.2f} ms | gRPC/REST {ratio or 0:.2f} (pairs {rows[-1]['ratios_of_pairs']})",

@@ -213,8 +213,7 @@ class GrpcServer:
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name, versions=registry.loaded_versions(model.name), platform="onnxruntime_onnx",
-            inputs=[tensor(name=model.input_name, datatype="FP32", shape=model.input_shape),
-                    tensor(name=oip.ENCODED_INPUT, datatype="BYTES", shape=[-1])],
+            inputs=[tensor(**tensor_input) for tensor_input in oip.input_metadata(model)],
             outputs=[tensor(**output) for output in oip.output_metadata(model)])
 
     def model_config(self, request, size: int, context):

@@ -59,6 +59,13 @@ def input_tensor(request: dict, model, binary: bytes, max_images: int) -> np.nda
     return _bytes_elements(tensor, shape, binary, binary_size)
 
 
+def input_metadata(model) -> list[dict]:
+    """The inputs a model takes, as /v2/models/{name} describes them: FP32 (preprocessed), then BYTES (encoded
+    images). A request sends one of them."""
+    return [{"name": model.input_name, "datatype": "FP32", "shape": model.input_shape},
+            {"name": ENCODED_INPUT, "datatype": "BYTES", "shape": [-1]}]
+
+
 def output_metadata(model) -> list[dict]:
     """The outputs a model answers with, as /v2/models/{name} describes them."""
     return [{"name": output.name, "datatype": output.datatype, "shape": [-1, *_per_image(output, model)]}
@@ -76,11 +83,13 @@ def model_config(model) -> dict:
     optional: a request sends one of them."""
     return dict(  # Triton's field names ("input" is the list of inputs, not the tensor of that name)
         name=model.name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0,
-        input=[{"name": model.input_name, "data_type": "TYPE_FP32", "dims": model.input_shape, "optional": True},
-               {"name": ENCODED_INPUT, "data_type": "TYPE_STRING", "dims": [-1], "optional": True}],
-        output=[{"name": output["name"], "data_type": CONFIG_TYPES[output["datatype"]], "dims": output["shape"]}
-                for output in output_metadata(model)],
+        input=[{**_config_tensor(tensor), "optional": True} for tensor in input_metadata(model)],
+        output=[_config_tensor(tensor) for tensor in output_metadata(model)],
     )
+
+
+def _config_tensor(tensor: dict) -> dict:
+    return {"name": tensor["name"], "data_type": CONFIG_TYPES[tensor["datatype"]], "dims": tensor["shape"]}
 
 
 def _per_image(output: contract.Output, model) -> list[int]:

@@ -199,9 +199,9 @@ def test_triton_perf_analyzer_measures_either_protocol(server, tmp_path, protoco
     error, and at statistics whose compute counts disagree)."""
     from bench.protocols import perf_analyzer, run_perf_analyzer
 
-    found = perf_analyzer()
-    assert not isinstance(found, str), f"perf_analyzer cannot start: {found}"
-    measured = run_perf_analyzer(tmp_path, server, protocol, "convnet", IMAGES[0], 4, 2)
+    tool = perf_analyzer()
+    assert not isinstance(tool, str), f"perf_analyzer cannot start: {tool}"
+    measured = run_perf_analyzer(tool, tmp_path, server, protocol, "convnet", IMAGES[0], 4, 2)
     assert measured["ok_per_s"] > 0 and measured["p50_ms"] > 0, measured
 
 

@@ -27,14 +27,13 @@ from service.api.schemas import (
 )
 from service.errors import InvalidJSON, NotReady
 from service.inputs import request_body
-from service.oip import ENCODED_INPUT, EXTENSIONS, model_config, output_metadata
+from service.oip import EXTENSIONS, input_metadata, model_config, output_metadata
 from service.payload import parse_json
 from service.registry import describe_verification
 from service.statistics import model_statistics, versions_covered
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
-ENCODED_TENSOR = {"name": ENCODED_INPUT, "datatype": "BYTES", "shape": [-1]}
 
 
 @blueprint.get("")
@@ -72,13 +71,14 @@ def ready():
 def model_metadata(name: str, version: str | None = None):
     registry = state().registry
     model = registry.get(name, version)
+    inputs = input_metadata(model)
     return reply(ModelMetadataResponse, dict(
         name=model.name,
         versions=registry.loaded_versions(model.name),
         platform="onnxruntime_onnx",
-        inputs=[{"name": model.input_name, "datatype": "FP32", "shape": model.input_shape}, ENCODED_TENSOR],
+        inputs=inputs,
         outputs=output_metadata(model),
-        parameters={"labels": model.labels, "alternative_input": ENCODED_TENSOR,
+        parameters={"labels": model.labels, "alternative_input": inputs[1],
                     "precision": model.precision, "precision_reason": model.refusal,
                     "verification": describe_verification(model)},
     ))
